@@ -1,0 +1,203 @@
+"""Pure converters: OpenAI wire request → GenerationRequest, and Events → OpenAI responses and chunks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...config.settings import DefaultsConfig, ModelConfig
+from ...core.errors import InvalidRequest, UnsupportedParameter
+from ...core.types import (
+    FinishReason,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
+from .schemas import ChatCompletionRequest, ChatMessage
+
+KNOWN_FIELDS = frozenset(ChatCompletionRequest.model_fields)
+
+
+def to_generation_request(
+    body: ChatCompletionRequest,
+    *,
+    request_id: str,
+    model_id: str,
+    defaults: DefaultsConfig,
+    model_cfg: ModelConfig | None,
+) -> GenerationRequest:
+    """Validate what Pydantic cannot and resolve sampling: request, then model config, then defaults."""
+    _reject_unsupported(body)
+    requested = body.max_completion_tokens or body.max_tokens
+    cfg = model_cfg
+    sampling = SamplingParams(
+        max_tokens=requested or (cfg.max_tokens if cfg and cfg.max_tokens else defaults.max_tokens),
+        temperature=_pick(body.temperature, cfg.temp if cfg else None, 0.0),
+        top_p=_pick(body.top_p, cfg.top_p if cfg else None, 1.0),
+        top_k=_pick(body.top_k, cfg.top_k if cfg else None, 0),
+        min_p=_pick(body.min_p, cfg.min_p if cfg else None, 0.0),
+        seed=body.seed,
+        stop=_stops(body.stop),
+        logprobs=bool(body.logprobs),
+        top_logprobs=body.top_logprobs or 0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=_logit_bias(body.logit_bias),
+    )
+    return GenerationRequest(
+        request_id=request_id,
+        model=model_id,
+        messages=tuple(_message(m, i) for i, m in enumerate(body.messages)),
+        sampling=sampling,
+        tools=tuple(body.tools or ()),
+        tool_choice=body.tool_choice,
+        chat_template_kwargs=dict(body.chat_template_kwargs or {}),
+        max_tokens_requested=requested,
+    )
+
+
+def _pick(request_value: Any, config_value: Any, fallback: Any) -> Any:
+    return request_value if request_value is not None else config_value if config_value is not None else fallback
+
+
+def _reject_unsupported(body: ChatCompletionRequest) -> None:
+    if body.n not in (None, 1):
+        raise UnsupportedParameter("n > 1 is not supported: send one request per completion", param="n")
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise UnsupportedParameter("response_format other than 'text' is not supported yet", param="response_format")
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not s for s in stops):
+        raise InvalidRequest("stop sequences must be non-empty strings", param="stop")
+    return stops
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    try:
+        return tuple((int(k), float(v)) for k, v in bias.items())
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+
+
+def _message(m: ChatMessage, index: int) -> Message:
+    role = "system" if m.role == "developer" else m.role
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequest("a tool message needs tool_call_id", param=f"messages.{index}.tool_call_id")
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
+    return Message(role=role, content=_text(m, index), tool_calls=calls, tool_call_id=m.tool_call_id, name=m.name)
+
+
+def _text(m: ChatMessage, index: int) -> str | None:
+    if m.content is None or isinstance(m.content, str):
+        return m.content
+    texts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise UnsupportedParameter(
+                f"content part type '{part.type}' is not supported by this server yet",
+                param=f"messages.{index}.content.{j}",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.bytes),
+        "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in lp.top],
+    }
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+@dataclass(slots=True)
+class ChunkWriter:
+    """Builds the chunks of one streamed chat completion."""
+
+    completion_id: str
+    model: str
+    logprobs: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+        }
+
+    def _choice(self, delta: dict[str, Any], finish: FinishReason | None = None, lps: Any = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
+
+    def role(self) -> dict[str, Any]:
+        return self._chunk([self._choice({"role": "assistant", "content": ""})])
+
+    def text(self, delta: TextDelta) -> dict[str, Any]:
+        lps = {"content": [logprob_entry(lp) for lp in delta.logprobs]} if self.logprobs else None
+        return self._chunk([self._choice({"content": delta.text}, lps=lps)])
+
+    def finish(self, reason: FinishReason) -> dict[str, Any]:
+        return self._chunk([self._choice({}, reason)])
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return self._chunk([], usage=usage_dict(usage))
+
+
+@dataclass(slots=True)
+class CompletionBuilder:
+    """Accumulates events into one non-streamed chat completion."""
+
+    completion_id: str
+    model: str
+    logprobs: bool = False
+    text: list[str] = field(default_factory=list)
+    token_logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, delta: TextDelta) -> None:
+        self.text.append(delta.text)
+        self.token_logprobs.extend(logprob_entry(lp) for lp in delta.logprobs)
+
+    def build(self, finish: FinishReason, usage: Usage) -> dict[str, Any]:
+        return {
+            "id": self.completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(self.text)},
+                    "logprobs": {"content": self.token_logprobs} if self.logprobs else None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage_dict(usage),
+        }

@@ -1,0 +1,74 @@
+"""OpenAI routes: parse → convert → manager → convert. No other logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from loguru import logger
+
+from ...config.discovery import estimate_memory_bytes
+from ..deps import ManagerDep, RequestIdDep, SettingsDep
+from ..sse import MEDIA_TYPES, ClientGone, frame, until_disconnect
+from .convert import KNOWN_FIELDS, ChunkWriter, to_generation_request
+from .schemas import ChatCompletionRequest
+from .serving import complete, stream_chunks
+
+router = APIRouter(tags=["openai"])
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, manager: ManagerDep, settings: SettingsDep, rid: RequestIdDep
+) -> Response:
+    """Create a chat completion, streamed (SSE) or not, in OpenAI's wire format."""
+    if body.model_extra:
+        logger.debug("ignoring unknown fields: {}", sorted(set(body.model_extra) - KNOWN_FIELDS))
+    spec = await manager.resolve(body.model)
+    greq = to_generation_request(
+        body, request_id=rid, model_id=spec.id, defaults=settings.defaults, model_cfg=settings.models.get(spec.id)
+    )
+    completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    stream = body.stream if body.stream is not None else settings.defaults.stream
+    try:
+        generation = await until_disconnect(request, manager.start_generation(greq, spec))
+        if not stream:
+            result = await until_disconnect(request, complete(generation, completion_id, spec.id, greq.sampling.logprobs))
+            return JSONResponse(result)
+    except ClientGone:
+        logger.info("client disconnected; generation cancelled")
+        return Response(status_code=499)
+    writer = ChunkWriter(completion_id, spec.id, greq.sampling.logprobs)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = stream_chunks(
+        generation, writer, include_usage=include_usage, chunk_size=settings.defaults.stream_chunk_size
+    )
+    fmt = settings.defaults.streaming_format
+    return StreamingResponse(frame(chunks, fmt), media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/models")
+async def list_models(manager: ManagerDep, settings: SettingsDep) -> dict[str, Any]:
+    """Every model found in the model directory, with its context window, memory estimate and load state."""
+    specs = await asyncio.to_thread(manager.registry.list)
+    states = {s.id: s.state.value for s in manager.snapshot()}
+    margin = settings.defaults.safety_margin
+    data = [
+        {
+            "id": spec.id,
+            "object": "model",
+            "created": int(spec.path.stat().st_mtime) if spec.path.exists() else 0,
+            "owned_by": "mlx-router",
+            "context_window": spec.context_window,
+            "estimated_memory_gb": round(estimate_memory_bytes(spec, settings.models.get(spec.id), margin) / 1024**3, 3),
+            "loaded": states.get(spec.id) == "ready",
+            "state": states.get(spec.id, "unloaded"),
+            "aliases": list(spec.aliases),
+            "model_type": spec.model_type,
+        }
+        for spec in specs
+    ]
+    return {"object": "list", "data": data}

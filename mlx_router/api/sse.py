@@ -1,0 +1,63 @@
+"""Stream framing (SSE and the legacy json_lines / json_array formats) and client-disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
+
+from fastapi import Request
+
+T = TypeVar("T")
+StreamingFormat = Literal["sse", "json_lines", "json_array"]
+
+MEDIA_TYPES: dict[str, str] = {
+    "sse": "text/event-stream",
+    "json_lines": "application/x-ndjson",
+    "json_array": "application/json",
+}
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def frame(chunks: AsyncIterator[dict[str, Any] | str], fmt: StreamingFormat) -> AsyncIterator[str]:
+    """Serialise chunk dicts in the configured format. A `str` item is a ready SSE frame (an error event)."""
+    if fmt == "json_array":
+        items = [c if isinstance(c, dict) else json.loads(c.removeprefix("data: ")) async for c in chunks]
+        yield json.dumps(items)
+        return
+    async for chunk in chunks:
+        if isinstance(chunk, str):
+            yield chunk if fmt == "sse" else chunk.removeprefix("data: ").rstrip("\n") + "\n"
+        elif fmt == "sse":
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        else:
+            yield json.dumps(chunk, ensure_ascii=False) + "\n"
+    if fmt == "sse":
+        yield "data: [DONE]\n\n"
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (its `finally` blocks free the model)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body was read already, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

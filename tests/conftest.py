@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny models from helper_tools, and the real app on a real uvicorn socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from helper_tools.tiny_models import build_random_model, build_scripted_model  # noqa: E402
+from mlx_router.app import create_app  # noqa: E402
+from mlx_router.config.settings import Settings, load_settings  # noqa: E402
+from mlx_router.core.manager import MLXModelManager  # noqa: E402
+from mlx_router.logs import setup_logging  # noqa: E402
+
+REPLIES = {
+    "alpha": "Alpha speaking: the quick brown fox jumps over the lazy dog.",
+    "bravo": "Bravo here, reporting for duty with a longer scripted answer.",
+    "charlie": "Charlie says hello!",
+}
+
+setup_logging("INFO", None)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory with three scripted models, a small-context one and a random one."""
+    root = tmp_path_factory.mktemp("models")
+    for name, reply in REPLIES.items():
+        build_scripted_model(root / name, reply)
+    build_scripted_model(root / "tiny-ctx", REPLIES["alpha"], max_position_embeddings=64)
+    build_random_model(root / "random")
+    return root
+
+
+def make_settings(model_dir: Path, tmp_path: Path, **defaults: Any) -> Settings:
+    models = defaults.pop("models", {})
+    config = {"defaults": {"model_directory": str(model_dir), **defaults}, "server": {}, "models": models}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return load_settings(path, environ={})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    @property
+    def manager(self) -> MLXModelManager:
+        manager: MLXModelManager = self.app.state.manager
+        return manager
+
+
+@contextmanager
+def run_server(settings: Settings, manager: MLXModelManager | None = None) -> Iterator[RunningServer]:
+    """Serve the real app with uvicorn on a free loopback port, in a background thread."""
+    app = create_app(settings, manager)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield RunningServer(app, port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def serve(model_dir: Path, tmp_path: Path) -> Callable[..., Any]:
+    """`with serve(cache_size=2) as srv:` runs the app with those `defaults` over the shared models."""
+
+    def start(**defaults: Any) -> Any:
+        return run_server(make_settings(model_dir, tmp_path, **defaults))
+
+    return start
