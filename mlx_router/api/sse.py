@@ -29,14 +29,16 @@ async def frame(chunks: AsyncIterator[dict[str, Any] | str], fmt: StreamingForma
         items = [c if isinstance(c, dict) else json.loads(c.removeprefix("data: ")) async for c in chunks]
         yield json.dumps(items)
         return
+    errored = False
     async for chunk in chunks:
         if isinstance(chunk, str):
+            errored = True
             yield chunk if fmt == "sse" else chunk.removeprefix("data: ").rstrip("\n") + "\n"
         elif fmt == "sse":
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         else:
             yield json.dumps(chunk, ensure_ascii=False) + "\n"
-    if fmt == "sse":
+    if fmt == "sse" and not errored:  # after an error event the stream just ends
         yield "data: [DONE]\n\n"
 
 

@@ -250,7 +250,8 @@ def _put(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def _hint(key: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1)
+    names = list(choices)
+    close = [n for n in names if key.startswith(n) or n.startswith(key)] or difflib.get_close_matches(key, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -260,7 +261,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {"defaults": DefaultsConfig, "server": S
 def _from_validation(exc: ValidationError, source: str, sources: Mapping[tuple[str, ...], str]) -> ConfigError:
     found: list[tuple[str, str, str]] = []
     for err in exc.errors():
-        loc = tuple(str(part) for part in err["loc"])
+        loc = tuple(str(part) for part in err["loc"] if part != "[key]")  # pydantic marks bad dict keys "[key]"
         if err["type"] == "extra_forbidden":
             depth = 3 if loc[0] == "models" else 2
             model = _SECTIONS.get(loc[0]) if len(loc) == depth else None

@@ -58,7 +58,7 @@ def test_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.models == {} and s.config_path is None
     assert (s.host, s.port) == ("127.0.0.1", 8800)
     # No directory given anywhere: ./models of the working directory, which need not exist (and is not created).
-    assert s.model_directory == tmp_path / "models"
+    assert s.model_directory == Path.cwd() / "models" == tmp_path.resolve() / "models"
     assert not (tmp_path / "models").exists()
 
 
@@ -74,9 +74,9 @@ def test_model_config_defaults() -> None:
 def test_settings_are_frozen_and_described() -> None:
     s = Settings()
     with pytest.raises(ValidationError):
-        s.defaults.cache_size = 3  # type: ignore[misc]
+        s.defaults.cache_size = 3
     with pytest.raises(ValidationError):
-        s.server = ServerConfig()  # type: ignore[misc]
+        s.server = ServerConfig()
     for model in (DefaultsConfig, ServerConfig, ModelConfig, Settings):
         assert all(field.description for field in model.model_fields.values()), model
 
@@ -165,7 +165,8 @@ def test_paths_expand_user_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_family_names_case_insensitive() -> None:
-    assert ModelConfig(chat_template="Llama3", family=" GPT-OSS ").chat_template == "llama3"
+    m = ModelConfig.model_validate({"chat_template": "Llama3", "family": " GPT-OSS "})
+    assert (m.chat_template, m.family) == ("llama3", "gpt-oss")
     assert set(FAMILIES) == {"llama3", "qwen", "chatml", "deepseek", "phi4", "mistral", "gemma", "gpt-oss", "generic"}
 
 
