@@ -31,7 +31,7 @@ _STATUS: dict[type[e.RouterError], tuple[int, str]] = {
 def status_of(error: e.RouterError) -> tuple[int, str]:
     for cls in type(error).__mro__:
         if cls in _STATUS:
-            return _STATUS[cls]  # type: ignore[index]
+            return _STATUS[cls]
     return 500, "server_error"
 
 

@@ -264,8 +264,8 @@ class ModelRegistry:
         self._scanned_at = self._clock()
 
     def list(self) -> builtins.list[ModelSpec]:
-        """Every model of the cached scan (scanning once if none ran yet), sorted by id."""
+        """Every model, sorted by id, from a scan at most `rescan_interval` old (blocking: run it off the loop)."""
         with self._lock:
-            if self._scanned_at is None:
+            if self._scanned_at is None or self._clock() - self._scanned_at >= self._interval:
                 self._scan()
             return sorted(self._specs.values(), key=lambda spec: spec.id)

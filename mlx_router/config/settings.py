@@ -1,7 +1,7 @@
 """Settings: built-in defaults < config file < environment < overrides (CLI flags), as one frozen object.
 
-The file keeps the legacy mlx-router layout: ``{"defaults": {...}, "server": {...}, "models": {"<id>": {...}}}``.
-Every problem is a `ConfigError` naming the source (file, environment variable or flag), the key path and the problem.
+The file keeps the legacy layout ``{"defaults": {...}, "server": {...}, "models": {"<id>": {...}}}``; every problem
+is a `ConfigError` naming the source (file, environment variable or flag), the key path and the problem.
 """
 
 from __future__ import annotations
@@ -173,18 +173,16 @@ def load_settings(
     for key in raw:
         if key not in _SECTIONS:
             raise ConfigError(source, key, "unknown key" + _hint(key, _SECTIONS))
-    sources: dict[tuple[str, ...], str] = {}
-    for var, path in ENV_VARS.items():
-        if value := environ.get(var, "").strip():
-            _put(raw, path, value)
-            sources[path] = f"environment variable {var}"
+    layers = [(path, environ.get(var, "").strip(), f"environment variable {var}") for var, path in ENV_VARS.items()]
     for name, value in (overrides or {}).items():
         if name not in OVERRIDES:
             raise ValueError(f"unknown override {name!r}; expected one of {sorted(OVERRIDES)}")
-        if value is not None:
-            path, flag = OVERRIDES[name]
-            _put(raw, path, str(value) if isinstance(value, Path) else value)
-            sources[path] = f"command-line option {flag}"
+        layers.append((OVERRIDES[name][0], value, f"command-line option {OVERRIDES[name][1]}"))
+    sources: dict[tuple[str, ...], str] = {}
+    for path, value, where in layers:  # None or "" means not given
+        if value is not None and value != "" and isinstance(section := raw.setdefault(path[0], {}), dict):
+            section[path[1]] = str(value) if isinstance(value, Path) else value
+            sources[path] = where
     try:
         settings = Settings.model_validate({**raw, "config_path": config_path})
     except ValidationError as exc:
@@ -202,22 +200,21 @@ def load_settings(
 
 
 class _Obj(dict[str, Any]):
-    """A JSON object that remembers the keys it saw twice."""
+    """A JSON object that remembers the first key it saw twice."""
 
-    dups: tuple[str, ...] = ()
+    dup: str | None = None
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> _Obj:
     obj = _Obj(pairs)
     if len(obj) < len(pairs):
-        keys = [k for k, _ in pairs]
-        obj.dups = tuple(k for i, k in enumerate(keys) if k in keys[:i])
+        obj.dup = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
     return obj
 
 
-def _find_dup(value: Any, path: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
-    if isinstance(value, _Obj) and value.dups:
-        return path, value.dups[0]
+def _find_dup(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    if isinstance(value, _Obj) and value.dup is not None:
+        return (*path, value.dup)
     for key, item in value.items() if isinstance(value, dict) else ():
         if found := _find_dup(item, (*path, key)):
             return found
@@ -237,16 +234,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(source, None, "the top level must be a JSON object")
     if dup := _find_dup(data, ()):
-        where, key = dup
-        what = "two models claim the id" if where == ("models",) else "duplicate key"
-        raise ConfigError(source, ".".join((*where, key)), f"{what} {key!r}")
+        what = "two models claim the id" if len(dup) == 2 and dup[0] == "models" else "duplicate key"
+        raise ConfigError(source, ".".join(dup), f"{what} {dup[-1]!r}")
     return data
-
-
-def _put(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    section = raw.setdefault(path[0], {})
-    if isinstance(section, dict):  # otherwise validation reports the bad section
-        section[path[1]] = value
 
 
 def _hint(key: str, choices: Iterable[str]) -> str:

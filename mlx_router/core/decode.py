@@ -23,9 +23,7 @@ class RequestDecoder:
         self.cached_tokens = 0
         self.completion_tokens = 0
 
-    def step(
-        self, token: int, logprobs: Any, model_finish: str | None
-    ) -> tuple[TextDelta | None, FinishReason | None]:
+    def step(self, token: int, logprobs: Any, model_finish: str | None) -> tuple[TextDelta | None, FinishReason | None]:
         """Consume one sampled token. `model_finish` is BatchGenerator's reason ("stop" = an EOS token)."""
         self.completion_tokens += 1
         if model_finish != "stop":  # the EOS token itself is never shown
@@ -53,8 +51,10 @@ class RequestDecoder:
         n = self._sampling.top_logprobs
         if n > 0:
             ids = mx.argpartition(-logprobs, kth=n - 1)[:n]
-            values = logprobs[ids].tolist()
-            pairs = sorted(zip(ids.tolist(), values, strict=True), key=lambda p: -p[1])
+            pairs: list[tuple[int, float]] = sorted(
+                zip(ids.tolist(), logprobs[ids].tolist(), strict=True),  # type: ignore[arg-type]
+                key=lambda p: -p[1],
+            )
             top = tuple(TopLogprob(self._text(i), lp, _utf8(self._text(i))) for i, lp in pairs)
         text = self._text(token)
         return TokenLogprob(text, float(logprobs[token].item()), _utf8(text), top)

@@ -19,9 +19,9 @@ from typing import Any
 from loguru import logger
 
 from ..config.discovery import ModelSpec
+from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .prompts import PromptBuilder
-from .decode import RequestDecoder
 from .types import Done, Event, Failed, GenerationRequest, Started, TextDelta
 
 
@@ -148,7 +148,7 @@ class ModelEngine:
         try:
             from mlx_lm import load
 
-            model, tokenizer = load(str(self.spec.path))
+            model, tokenizer = load(str(self.spec.path))[:2]
         except Exception as exc:  # any loader failure is reported, never raised into the thread's void
             logger.error("loading {} failed: {}", self.spec.id, exc)
             _resolve(loop, ready, ModelLoadFailed(f"model '{self.spec.id}' could not be loaded: {exc}"))
@@ -186,7 +186,7 @@ class ModelEngine:
                 _, responses = gen.next()
             except Exception as exc:  # a failed step must not take the other models or the server down
                 logger.exception("generation step failed on {}", self.spec.id)
-                for uid, a in list(active.items()):
+                for uid in list(active):
                     self._finish(uid, active, Failed(GenerationFailed(f"generation failed: {exc}")))
                 gen = self._make_batch_generator(BatchGenerator, model, tokenizer)
                 continue
@@ -337,4 +337,3 @@ def _clear_mlx_cache() -> None:
     import mlx.core as mx
 
     mx.clear_cache()
-

@@ -146,7 +146,7 @@ class MLXModelManager:
     ) -> None:
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
-        self._engine_factory = engine_factory or _default_engine_factory(settings)
+        self._engine_factory = engine_factory or _default_engine_factory(self.registry)
         self._memory_probe = memory_probe
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -262,7 +262,7 @@ class MLXModelManager:
 
     def _begin_load(self, spec: ModelSpec) -> _Resident | None:
         """Evict what must go and start loading; None when nothing idle can be evicted yet."""
-        model_cfg = self.settings.models.get(spec.id)
+        model_cfg = self.registry.config_for(spec)
         need = estimate_memory_bytes(spec, model_cfg, self.settings.defaults.safety_margin)
         budget = self.budget_bytes
         if need > budget:
@@ -356,9 +356,9 @@ class MLXModelManager:
         )
 
 
-def _default_engine_factory(settings: Settings) -> EngineFactory:
+def _default_engine_factory(registry: ModelRegistry) -> EngineFactory:
     def make(spec: ModelSpec, options: EngineOptions) -> Engine:
-        cfg = settings.models.get(spec.id)
+        cfg = registry.config_for(spec)
         return ModelEngine(spec, options, PromptBuilder(dict(cfg.chat_template_kwargs) if cfg else {}))
 
     return make

@@ -124,6 +124,7 @@ class StreamParser:
         self._capture = ""  # body of the call / harmony role or header being read
         self._parser: ToolParser | None = None
         self._open = ""  # raw markup that opened the current call, for the content fallback
+        self._prefix_len = 0  # leading part of _capture that is header, not body (harmony)
         self._role = ""  # harmony role header of the current message
         self._held_ws = ""  # trailing whitespace not yet emitted as content
         self._ws_before_call = ""
@@ -272,24 +273,23 @@ class StreamParser:
         self._capture = ""
         if "to=" in full:
             opened = (f"{_H_START}{self._role}" if self._role else "") + f"{_H_CHANNEL}{header}{_H_MESSAGE}"
-            self._start_call(self._parsers[0] if self._parsers else HarmonyParser(), opened)
-            self._capture = f"{full}{_H_MESSAGE}"  # the parser reads the recipient from the header
-            self._open_prefix_len = len(self._capture)
+            # The parser reads the recipient from the header, so it leads the captured body.
+            self._start_call(self._parsers[0] if self._parsers else HarmonyParser(), opened, f"{full}{_H_MESSAGE}")
         elif header.strip().startswith("analysis"):
             self._mode = _Mode.REASONING
         else:
             self._mode = _Mode.TEXT
 
-    def _start_call(self, parser: ToolParser, opened: str) -> None:
-        self._mode, self._parser, self._open, self._capture = _Mode.CALL, parser, opened, ""
-        self._open_prefix_len = 0
+    def _start_call(self, parser: ToolParser, opened: str, prefix: str = "") -> None:
+        self._mode, self._parser, self._open, self._capture = _Mode.CALL, parser, opened, prefix
+        self._prefix_len = len(prefix)
         self._ws_before_call, self._held_ws = self._held_ws, ""
 
     def _close_call(self, closed: str) -> None:
         parser, capture = self._parser, self._capture
         assert parser is not None
         self._mode, self._parser, self._capture = _Mode.TEXT, None, ""
-        body = capture[self._open_prefix_len :]
+        body = capture[self._prefix_len :]
         markup = self._open + body + closed
         calls = self._validate(parser, capture) if self._parsers else None
         if calls is None:

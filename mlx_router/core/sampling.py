@@ -22,7 +22,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     which other requests share the batch.
     """
     if params.temperature <= 0:
-        return greedy_sampler  # type: ignore[no-any-return]
+        return greedy_sampler
     seed = params.seed if params.seed is not None else secrets.randbits(32)
     key = mx.random.key(seed)
     inv_temp = 1.0 / params.temperature
@@ -39,7 +39,6 @@ def make_sampler(params: SamplingParams) -> Sampler:
         return mx.random.categorical(logprobs * inv_temp, key=subkey)
 
     return sample
-
 
 
 def make_logits_processors(params: SamplingParams) -> list[Any]:

@@ -8,6 +8,7 @@ Pure text handling (no MLX, no model). `parsing.StreamParser` finds the markers 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import json
 import re
@@ -158,10 +159,8 @@ def _qwen3_coder(body: str, tools: Sequence[dict[str, Any]]) -> ParsedCall:
     args = dict(call.arguments)
     for key, value in args.items():
         if key not in known and isinstance(value, str):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 args[key] = json.loads(value)
-            except json.JSONDecodeError:
-                pass
     return ParsedCall(call.name, args)
 
 

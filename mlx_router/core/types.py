@@ -6,7 +6,7 @@ The core speaks only these dataclasses; each wire dialect converts to and from t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -140,7 +140,7 @@ class Failed:
 Event = Started | TextDelta | ReasoningDelta | ToolCallDelta | Done | Failed
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     DRAINING = "draining"

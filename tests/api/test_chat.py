@@ -76,7 +76,9 @@ def test_raw_sse_ends_with_done_and_has_no_usage_unless_asked(serve: Any) -> Non
 def test_length_finish_reason(serve: Any) -> None:
     with serve() as srv:
         r = client(srv).chat.completions.create(model="alpha", messages=USER, max_tokens=3)
-        s = list(client(srv).chat.completions.create(model="alpha", messages=USER, max_completion_tokens=3, stream=True))
+        s = list(
+            client(srv).chat.completions.create(model="alpha", messages=USER, max_completion_tokens=3, stream=True)
+        )
     assert r.choices[0].finish_reason == "length"
     assert r.usage is not None and r.usage.completion_tokens == 3
     assert REPLIES["alpha"].startswith(r.choices[0].message.content or "x")
@@ -124,7 +126,9 @@ def test_logprobs_and_top_logprobs(serve: Any) -> None:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert t.top_logprobs[0].token == t.token  # greedy: the sampled token is the most likely
         assert bytes(t.bytes or []) == t.token.encode()
-    streamed = [lp.token for c in s if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content or []]
+    streamed = [
+        lp.token for c in s if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content or []
+    ]
     assert "".join(streamed) == REPLIES["alpha"]
 
 

@@ -41,7 +41,9 @@ def test_unknown_model_is_404_model_not_found(serve: Any) -> None:
 
 def test_malformed_json_and_invalid_fields_are_400(serve: Any) -> None:
     with serve() as srv:
-        bad_json = post(srv, None, content=b'{"model": "alpha", "messages": [', headers={"content-type": "application/json"})
+        bad_json = post(
+            srv, None, content=b'{"model": "alpha", "messages": [', headers={"content-type": "application/json"}
+        )
         assert "JSON" in assert_envelope(bad_json, 400)["message"]
         assert assert_envelope(post(srv, {"model": "alpha"}), 400)["param"] == "messages"
         assert assert_envelope(post(srv, {"model": "alpha", "messages": USER, "temperature": 7}), 400)["param"] == (

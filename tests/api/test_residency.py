@@ -112,9 +112,10 @@ def test_queue_full_is_429_with_retry_after(serve: Any) -> None:
     body = {"model": "random", "messages": USER, "temperature": 1.0, "max_tokens": 1500, "stream": True}
     with serve(max_batch_size=1, max_queued_requests=1) as srv:
         url = srv.base_url + "/v1/chat/completions"
-        with httpx.stream("POST", url, json=body, timeout=30) as first, httpx.stream(
-            "POST", url, json=body, timeout=30
-        ) as second:
+        with (
+            httpx.stream("POST", url, json=body, timeout=30) as first,
+            httpx.stream("POST", url, json=body, timeout=30) as second,
+        ):
             assert first.status_code == 200 and second.status_code == 200
             third = httpx.post(url, json=body, timeout=30)
     assert third.status_code == 429

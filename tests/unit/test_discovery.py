@@ -199,8 +199,19 @@ def test_hit_does_not_rescan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     calls: list[int] = []
     monkeypatch.setattr(registry, "_scan", lambda: calls.append(1))
     clock.now = 100.0
-    assert registry.resolve("m") is not None and registry.list() and calls == []
+    assert registry.resolve("m") is not None and calls == []
     assert registry.resolve("other") is None and calls == [1]
+
+
+def test_list_rescans_only_when_stale(tmp_path: Path) -> None:
+    make_model(tmp_path / "m")
+    clock = FakeClock()
+    registry = ModelRegistry(settings_for(tmp_path), clock=clock)
+    assert [s.id for s in registry.list()] == ["m"]
+    make_model(tmp_path / "n")
+    assert [s.id for s in registry.list()] == ["m"]  # cached within the interval
+    clock.now = 5.0
+    assert [s.id for s in registry.list()] == ["m", "n"]
 
 
 def test_concurrent_resolves(tmp_path: Path) -> None:

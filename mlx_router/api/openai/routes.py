@@ -29,14 +29,16 @@ async def chat_completions(
         logger.debug("ignoring unknown fields: {}", sorted(set(body.model_extra) - KNOWN_FIELDS))
     spec = await manager.resolve(body.model)
     greq = to_generation_request(
-        body, request_id=rid, model_id=spec.id, defaults=settings.defaults, model_cfg=settings.models.get(spec.id)
+        body, request_id=rid, model_id=spec.id, defaults=settings.defaults, model_cfg=manager.registry.config_for(spec)
     )
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     stream = body.stream if body.stream is not None else settings.defaults.stream
     try:
         generation = await until_disconnect(request, manager.start_generation(greq, spec))
         if not stream:
-            result = await until_disconnect(request, complete(generation, completion_id, spec.id, greq.sampling.logprobs))
+            result = await until_disconnect(
+                request, complete(generation, completion_id, spec.id, greq.sampling.logprobs)
+            )
             return JSONResponse(result)
     except ClientGone:
         logger.info("client disconnected; generation cancelled")
@@ -63,7 +65,9 @@ async def list_models(manager: ManagerDep, settings: SettingsDep) -> dict[str, A
             "created": int(spec.path.stat().st_mtime) if spec.path.exists() else 0,
             "owned_by": "mlx-router",
             "context_window": spec.context_window,
-            "estimated_memory_gb": round(estimate_memory_bytes(spec, settings.models.get(spec.id), margin) / 1024**3, 3),
+            "estimated_memory_gb": round(
+                estimate_memory_bytes(spec, manager.registry.config_for(spec), margin) / 1024**3, 3
+            ),
             "loaded": states.get(spec.id) == "ready",
             "state": states.get(spec.id, "unloaded"),
             "aliases": list(spec.aliases),
