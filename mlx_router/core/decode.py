@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from .parsing import StreamParser
 from .sampling import make_logits_processors, make_sampler
 from .stops import StopStringFilter
-from .types import FinishReason, SamplingParams, TextDelta, TokenLogprob, TopLogprob, Usage
+from .types import Event, FinishReason, SamplingParams, TextDelta, TokenLogprob, TopLogprob, Usage
 
 
 class RequestDecoder:
-    """Turns one request's sampled tokens into TextDeltas and decides when it is finished."""
+    """Turns one request's sampled tokens into events (text, reasoning, tool calls) and decides when it ends."""
 
-    def __init__(self, tokenizer: Any, sampling: SamplingParams, *, prompt_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, sampling: SamplingParams, parser: StreamParser, *, prompt_tokens: int) -> None:
         self._tokenizer = tokenizer
         self._detokenizer = tokenizer.detokenizer
         self._sampling = sampling
+        self._parser = parser
+        self._pending_logprobs: list[TokenLogprob] = []
         self._stops = StopStringFilter(sampling.stop)
         self.sampler = make_sampler(sampling)
         self.logits_processors = make_logits_processors(sampling)
@@ -23,7 +26,7 @@ class RequestDecoder:
         self.cached_tokens = 0
         self.completion_tokens = 0
 
-    def step(self, token: int, logprobs: Any, model_finish: str | None) -> tuple[TextDelta | None, FinishReason | None]:
+    def step(self, token: int, logprobs: Any, model_finish: str | None) -> tuple[list[Event], FinishReason | None]:
         """Consume one sampled token. `model_finish` is BatchGenerator's reason ("stop" = an EOS token)."""
         self.completion_tokens += 1
         if model_finish != "stop":  # the EOS token itself is never shown
@@ -37,9 +40,25 @@ class RequestDecoder:
         elif model_finish is not None:
             text += self._stops.flush()
             finish = "length" if model_finish == "length" else "stop"
-        lps = (self._logprob(token, logprobs),) if self._sampling.logprobs and model_finish != "stop" else ()
-        delta = TextDelta(text, lps) if text or lps else None
-        return delta, finish
+        if self._sampling.logprobs and model_finish != "stop":
+            self._pending_logprobs.append(self._logprob(token, logprobs))
+        events = self._parser.feed(text) if text else []
+        if finish is not None:
+            events += self._parser.finish()
+            if self._parser.saw_tool_calls:
+                finish = "tool_calls"
+        return self._attach_logprobs(events), finish
+
+    def _attach_logprobs(self, events: list[Event]) -> list[Event]:
+        # Log-probabilities ride on the next content delta; tokens of reasoning or tool markup wait for one.
+        if not self._pending_logprobs:
+            return events
+        for i, event in enumerate(events):
+            if isinstance(event, TextDelta):
+                events[i] = TextDelta(event.text, tuple(self._pending_logprobs))
+                self._pending_logprobs = []
+                break
+        return events
 
     def usage(self) -> Usage:
         return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)

@@ -21,6 +21,7 @@ from loguru import logger
 from ..config.discovery import ModelSpec
 from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
+from .parsing import StreamParser
 from .prompts import PromptBuilder
 from .types import Done, Event, Failed, GenerationRequest, Started, TextDelta
 
@@ -106,6 +107,7 @@ class ModelEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._in_flight = 0
+        self.family: str | None = self._prompts.family
         self.peak_batch_size = 0
         self.prefix_cache_bytes = 0
 
@@ -166,6 +168,8 @@ class ModelEngine:
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import LRUPromptCache
 
+        self._prompts = self._prompts.resolve_family(self.spec.config, tokenizer)
+        self.family = self._prompts.family
         gen = self._make_batch_generator(BatchGenerator, model, tokenizer)
         self._warm_up(gen)
         logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
@@ -227,10 +231,17 @@ class ModelEngine:
             return
         request = handle.request
         try:
-            prompt = self._prompts.encode(tokenizer, request)
+            prompt, in_reasoning = self._prompts.encode(tokenizer, request)
             max_tokens = self._check_context(len(prompt), request)
             kv, rest = _nearest_cache(cache, self.spec.id, prompt)
-            decoder = RequestDecoder(tokenizer, request.sampling, prompt_tokens=len(prompt))
+            parser = StreamParser(
+                self._prompts.family or "generic",
+                tools=request.tools,
+                reasoning=self._prompts.reasoning,  # type: ignore[arg-type]
+                tool_choice=request.tool_choice,
+                start_in_reasoning=in_reasoning,
+            )
+            decoder = RequestDecoder(tokenizer, request.sampling, parser, prompt_tokens=len(prompt))
             (uid,) = gen.insert(
                 [rest],
                 max_tokens=[max_tokens],
@@ -286,9 +297,9 @@ class ModelEngine:
         a = active.get(r.uid)
         if a is None:
             return
-        delta, finish = a.decoder.step(r.token, r.logprobs, r.finish_reason)
-        if delta is not None:
-            a.handle.push(delta)
+        events, finish = a.decoder.step(r.token, r.logprobs, r.finish_reason)
+        for event in events:
+            a.handle.push(event)
         if finish is None:
             return
         if r.finish_reason is None:  # a stop string ended it before the model did

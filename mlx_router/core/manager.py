@@ -359,6 +359,14 @@ class MLXModelManager:
 def _default_engine_factory(registry: ModelRegistry) -> EngineFactory:
     def make(spec: ModelSpec, options: EngineOptions) -> Engine:
         cfg = registry.config_for(spec)
-        return ModelEngine(spec, options, PromptBuilder(dict(cfg.chat_template_kwargs) if cfg else {}))
+        if cfg is None:
+            return ModelEngine(spec, options)
+        prompts = PromptBuilder(
+            family=cfg.family or cfg.chat_template,
+            use_builtin=cfg.chat_template is not None,
+            template_kwargs=dict(cfg.chat_template_kwargs),
+            reasoning=cfg.reasoning_response,
+        )
+        return ModelEngine(spec, options, prompts)
 
     return make

@@ -272,7 +272,8 @@ class StreamParser:
         full = f"{self._role} {header}"
         self._capture = ""
         if "to=" in full:
-            opened = (f"{_H_START}{self._role}" if self._role else "") + f"{_H_CHANNEL}{header}{_H_MESSAGE}"
+            opened = f"{_H_START}{self._role}" if self._role else ""
+            opened += (f"{_H_CHANNEL}{header}" if mode is _Mode.HEADER else "") + _H_MESSAGE
             # The parser reads the recipient from the header, so it leads the captured body.
             self._start_call(self._parsers[0] if self._parsers else HarmonyParser(), opened, f"{full}{_H_MESSAGE}")
         elif header.strip().startswith("analysis"):
@@ -330,11 +331,9 @@ class StreamParser:
 
 
 def opens_reasoning(prompt: str, family: str) -> bool:
-    """Whether a rendered prompt leaves a reasoning block open (e.g. DeepSeek-R1 or Qwen3 thinking prompts end
-    with `<think>`), so the output starts inside it: pass the result as `StreamParser(start_in_reasoning=...)`."""
-    if family == "gpt-oss":
-        return False
-    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+    """Whether a rendered prompt ends inside an open reasoning block (DeepSeek-R1 and Qwen3 thinking prompts end
+    with `<think>`), so the output starts there: pass the result as `StreamParser(start_in_reasoning=...)`."""
+    return family != "gpt-oss" and prompt.rstrip().endswith(THINK_START)
 
 
 @dataclass(frozen=True, slots=True)

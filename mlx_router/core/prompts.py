@@ -5,42 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest
-from .types import GenerationRequest, Message
+from .parsing import opens_reasoning
+from .templates import detect_family, render_prompt
+from .types import GenerationRequest
 
 
 @dataclass(frozen=True, slots=True)
 class PromptBuilder:
-    """How one model renders chat messages; per-model settings come from config."""
+    """How one model renders chats: its family, template choice and template kwargs, from config."""
 
+    family: str | None = None  # configured; None: detected from the model's files when loaded
+    use_builtin: bool = False  # config named a chat_template family: use our built-in one
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning: str | None = None  # models.<id>.reasoning_response
 
-    def encode(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
-        """Render the chat with the tokenizer's own template and tokenize it."""
-        text = self.render(tokenizer, request)
+    def resolve_family(self, model_config: dict[str, Any], tokenizer: Any) -> PromptBuilder:
+        """This builder with the family filled in from the model's config.json and template markers."""
+        if self.family is not None:
+            return self
+        template = getattr(tokenizer, "chat_template", None)
+        family = detect_family(model_config, template if isinstance(template, str) else None)
+        return PromptBuilder(family, self.use_builtin, self.template_kwargs, self.reasoning)
+
+    def encode(self, tokenizer: Any, request: GenerationRequest) -> tuple[list[int], bool]:
+        """Prompt token ids, and whether the prompt leaves the model inside a reasoning block."""
+        text = render_prompt(
+            tokenizer,
+            request.messages,
+            tools=request.tools,
+            family=self.family,
+            use_builtin=self.use_builtin,
+            template_kwargs={**self.template_kwargs, **request.chat_template_kwargs},
+        )
         # The template already wrote BOS and every special token; adding them again would double BOS.
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-    def render(self, tokenizer: Any, request: GenerationRequest) -> str:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest(f"model '{request.model}' has no chat template")
-        kwargs = {**self.template_kwargs, **request.chat_template_kwargs}
-        try:
-            return str(
-                tokenizer.apply_chat_template(
-                    [_as_dict(m) for m in request.messages],
-                    tools=list(request.tools) or None,
-                    add_generation_prompt=True,
-                    tokenize=False,
-                    **kwargs,
-                )
-            )
-        except Exception as exc:  # Jinja raises many types; the client must see which one
-            raise InvalidRequest(f"the chat template could not render these messages: {exc}") from exc
-
-
-def _as_dict(message: Message) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": message.role, "content": message.content or ""}
-    if message.name:
-        d["name"] = message.name
-    return d
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        return ids, opens_reasoning(text, self.family or "generic")

@@ -4,6 +4,8 @@ The tokenizer's own template comes first; each model family also has a built-in 
 documented prompt format, used when the tokenizer has none or the model's config asks for it.
 Pure text: no MLX, no model.
 """
+# The Jinja templates below are prompt text; their lines follow the prompt, not the code's line length.
+# ruff: noqa: E501
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from mlx_router.core.types import Message
 FAMILIES = ("llama3", "qwen", "chatml", "deepseek", "phi4", "mistral", "gemma", "gpt-oss", "generic")
 
 _NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
-# Names the renderer sets itself; a template kwarg may not override them.
-_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "conversation", "chat_template"})
+# Names the renderer sets itself, or apply_chat_template options that are not template variables.
+_RESERVED = frozenset(
+    {"messages", "conversation", "tools", "add_generation_prompt", "tokenize", "chat_template", "return_dict"}
+    | {"continue_final_message", "return_tensors", "tokenizer_kwargs", "padding", "truncation", "max_length"}
+)
 
 # Shared macros, prepended to every built-in template. Arguments arrive parsed; a string means it did not parse.
 _PRELUDE = r"""
@@ -329,17 +334,7 @@ _GENERIC = r"""
 """
 
 BUILTIN_TEMPLATES: Mapping[str, str] = MappingProxyType(
-    {
-        "llama3": _LLAMA3,
-        "qwen": _QWEN,
-        "chatml": _CHATML,
-        "deepseek": _DEEPSEEK,
-        "phi4": _PHI4,
-        "mistral": _MISTRAL,
-        "gemma": _GEMMA,
-        "gpt-oss": _GPT_OSS,
-        "generic": _GENERIC,
-    }
+    dict(zip(FAMILIES, (_LLAMA3, _QWEN, _CHATML, _DEEPSEEK, _PHI4, _MISTRAL, _GEMMA, _GPT_OSS, _GENERIC), strict=True))
 )
 
 
@@ -381,26 +376,10 @@ _MARKERS: tuple[tuple[str, str], ...] = (
 )
 
 _MODEL_TYPES: Mapping[str, str] = MappingProxyType(
-    {
-        "llama": "llama3",
-        "llama4": "llama3",
-        "qwen2": "qwen",
-        "qwen2_moe": "qwen",
-        "qwen3": "qwen",
-        "qwen3_moe": "qwen",
-        "qwen3_next": "qwen",
-        "deepseek_v2": "deepseek",
-        "deepseek_v3": "deepseek",
-        "mistral": "mistral",
-        "mistral3": "mistral",
-        "mixtral": "mistral",
-        "ministral": "mistral",
-        "gemma": "gemma",
-        "gemma2": "gemma",
-        "gemma3": "gemma",
-        "gemma3_text": "gemma",
-        "gpt_oss": "gpt-oss",
-    }
+    {"llama": "llama3", "llama4": "llama3", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "gpt_oss": "gpt-oss"}
+    | dict.fromkeys(("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next"), "qwen")
+    | dict.fromkeys(("mistral", "mistral3", "mixtral", "ministral"), "mistral")
+    | dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"), "gemma")
 )
 
 
@@ -515,14 +494,17 @@ def render_prompt(
 ) -> str:
     """Render the prompt text for a chat, with generation prompt.
 
-    The tokenizer's own chat template is used unless `use_builtin` is set or it has none; then the built-in
+    The tokenizer's own chat template (an HF tokenizer's `chat_template`, or whatever an mlx-lm TokenizerWrapper
+    reports in `has_chat_template`) is used unless `use_builtin` is set or it has none; then the built-in
     template of `family` (detected from the tokenizer's template when None) is used. Template failures raise
     InvalidRequest. The result already holds any BOS token: tokenize it without adding special tokens.
     """
     dicts = messages_to_template_dicts(messages)
     _check_kwargs(template_kwargs)
     own = getattr(tokenizer, "chat_template", None)
-    if own and not use_builtin:
+    # mlx-lm's TokenizerWrapper also counts its own template renderers, which leave chat_template unset.
+    has_own = getattr(tokenizer, "has_chat_template", None)
+    if (has_own if isinstance(has_own, bool) else bool(own)) and not use_builtin:
         try:
             prompt = tokenizer.apply_chat_template(
                 dicts, tools=list(tools) or None, add_generation_prompt=True, tokenize=False, **template_kwargs

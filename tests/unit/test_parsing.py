@@ -46,14 +46,16 @@ def _harmony(call: Call) -> str:
     return f"<|channel|>commentary to=functions.{call[0]} <|constrain|>json<|message|>{_j(call[1])}<|call|>"
 
 
+def _deepseek(call: Call) -> str:
+    return f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{call[0]}\n```json\n{_j(call[1])}\n```<｜tool▁call▁end｜>"
+
+
 # What each family's model emits for a turn of calls (written from the documented formats, not the templates).
 EMIT: dict[str, Callable[[Sequence[Call]], str]] = {
     "llama3": lambda cs: "<|python_tag|>" + "; ".join(_j({"name": n, "parameters": a}) for n, a in cs),
     "qwen": lambda cs: "\n".join(f"<tool_call>\n{_j({'name': n, 'arguments': a})}\n</tool_call>" for n, a in cs),
     "chatml": lambda cs: "".join(f"<tool_call>{_j({'name': n, 'arguments': a})}</tool_call>" for n, a in cs),
-    "deepseek": lambda cs: "<｜tool▁calls▁begin｜>"
-    + "\n".join(f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{n}\n```json\n{_j(a)}\n```<｜tool▁call▁end｜>" for n, a in cs)
-    + "<｜tool▁calls▁end｜>",
+    "deepseek": lambda cs: "<｜tool▁calls▁begin｜>" + "\n".join(_deepseek(c) for c in cs) + "<｜tool▁calls▁end｜>",
     "phi4": lambda cs: "<|tool_call|>" + _j([{"name": n, "arguments": a} for n, a in cs]) + "<|/tool_call|>",
     "mistral": lambda cs: "[TOOL_CALLS]" + _j([{"name": n, "arguments": a} for n, a in cs]),
     "gemma": lambda cs: "```tool_code\n" + "\n".join(_py(c) for c in cs) + "\n```",
@@ -66,8 +68,8 @@ BAD: dict[str, str] = {
     "llama3": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"',
     "qwen": '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
     "chatml": '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"</tool_call>',
-    "deepseek": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{city: Paris}\n```"
-    "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    "deepseek": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+    "```json\n{city: Paris}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
     "phi4": '<|tool_call|>[{"name": "get_weather", "arguments": {"city" "Paris"}}]<|/tool_call|>',
     "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}',
     "gemma": '```tool_code\nget_weather(city="Paris"\n```',
@@ -203,9 +205,11 @@ def one(family: str, text: str, **kwargs: Any) -> tuple[str, str, list[Call]]:
 def test_qwen3_coder_xml() -> None:
     text = (
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n"
-        "<parameter=days>\n3\n</parameter>\n<parameter=extra>\n{\"a\": [1, true]}\n</parameter>\n</function>\n</tool_call>"
+        '<parameter=days>\n3\n</parameter>\n<parameter=extra>\n{"a": [1, true]}\n</parameter>\n'
+        "</function>\n</tool_call>"
     )
-    assert one("qwen", text) == ("", "", [("get_weather", {"city": "San Francisco", "days": 3, "extra": {"a": [1, True]}})])
+    expected = {"city": "San Francisco", "days": 3, "extra": {"a": [1, True]}}
+    assert one("qwen", text) == ("", "", [("get_weather", expected)])
 
 
 def test_llama_bare_json_calls() -> None:
@@ -243,6 +247,7 @@ def test_deepseek_r1_prompt_opens_reasoning() -> None:
     prompt = "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\n"
     assert opens_reasoning(prompt, "deepseek")
     assert not opens_reasoning("<think>a</think>", "qwen")
+    assert not opens_reasoning("Use <think> tags.<|im_start|>assistant\n", "qwen")
     text = "Hmm, a greeting.</think>Hello!"
     assert one("deepseek", text, start_in_reasoning=True) == ("Hello!", "Hmm, a greeting.", [])
 
@@ -273,6 +278,11 @@ def test_harmony_recipient_in_role_header_and_preamble() -> None:
 
 def test_harmony_other_recipient_is_content() -> None:
     text = '<|channel|>commentary to=browser.search <|constrain|>json<|message|>{"q": "x"}<|call|>'
+    assert one("gpt-oss", text) == (text, "", [])
+
+
+def test_harmony_rejected_call_keeps_its_markup() -> None:
+    text = '<|start|>assistant to=functions.launch<|message|>{"x": 1}<|call|>'
     assert one("gpt-oss", text) == (text, "", [])
 
 
@@ -312,7 +322,9 @@ def test_builtin_template_calls_parse_back(family: str) -> None:
     user = [Message("user", "Weather?")]
     prefix = render_builtin(family, messages_to_template_dicts(user), tools=TOOLS)
     full = render_builtin(
-        family, messages_to_template_dicts([*user, Message("assistant", None, calls)]), tools=TOOLS,
+        family,
+        messages_to_template_dicts([*user, Message("assistant", None, calls)]),
+        tools=TOOLS,
         add_generation_prompt=False,
     )
     assert full.startswith(prefix)

@@ -68,7 +68,7 @@ def hf_tokenizer(chat_template: str | None, **special: str) -> PreTrainedTokeniz
     """A real transformers tokenizer over a tiny WordLevel vocabulary (no downloads)."""
     model = Tokenizer(WordLevel({"<unk>": 0, "hello": 1, "<s>": 2, "</s>": 3}, unk_token="<unk>"))
     model.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", **special)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", **special)  # type: ignore[no-untyped-call]
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -127,7 +127,8 @@ def test_template_kwargs_reach_builtin() -> None:
         template_kwargs={"reasoning_effort": "high", "current_date": "2025-01-02"},
     )
     assert "Current date: 2025-01-02\n\nReasoning: high" in prompt
-    llama = render_prompt(BareTokenizer(), [Message("user", "Hi")], family="llama3", template_kwargs={"date_string": "1 Jan"})
+    kwargs = {"date_string": "1 Jan"}
+    llama = render_prompt(BareTokenizer(), [Message("user", "Hi")], family="llama3", template_kwargs=kwargs)
     assert "Today Date: 1 Jan\n" in llama
 
 
@@ -194,7 +195,8 @@ def test_detect_family(config: dict[str, Any], template: str | None, family: str
 # -- the tokenizer's own template --------------------------------------------------------------------------
 
 OWN_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content if m.content is not none else 'NONE' }}"
+    # transformers drops None-valued keys, so a tool-call message's content=None arrives undefined.
+    "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content if m.content is defined else 'NONE' }}"
     "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
     "{% if m.name %}({{ m.name }}){% endif %}{% endfor %}"
     "{% if tools %}|tools={{ tools | length }}{% endif %}{% if flag is defined %}|flag={{ flag }}{% endif %}"
@@ -207,8 +209,9 @@ def test_tokenizer_template_is_preferred() -> None:
     prompt = render_prompt(tokenizer, CONVERSATION, tools=TOOLS, family="qwen", template_kwargs={"flag": 1})
     assert prompt == (
         "<s><system>You are a helpful assistant.<user>What's the weather in Paris and London?"
-        "<assistant>NONE[get_weather Paris][get_weather London]<tool>{\"temp\": 18, \"sky\": \"cloudy\"}(get_weather)"
-        "<tool>{\"temp\": 15, \"sky\": \"rain\"}(get_weather)<assistant>Paris is 18°C and cloudy; London is 15°C with rain."
+        "<assistant>NONE[get_weather Paris][get_weather London]"
+        '<tool>{"temp": 18, "sky": "cloudy"}(get_weather)<tool>{"temp": 15, "sky": "rain"}(get_weather)'
+        "<assistant>Paris is 18°C and cloudy; London is 15°C with rain."
         "<user>Which city is warmer?|tools=1|flag=1<assistant>"
     )
     no_tools = render_prompt(tokenizer, [Message("user", "hello")])
@@ -226,8 +229,24 @@ def test_builtin_when_requested_or_tokenizer_has_no_template() -> None:
     assert render_prompt(without, CONVERSATION, tools=TOOLS) == generic
 
 
+def test_wrapper_with_own_renderer_is_used() -> None:
+    class Wrapper:  # like mlx-lm's TokenizerWrapper with a built-in renderer and no HF template
+        chat_template = None
+        has_chat_template = True
+
+        def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+            assert kwargs["tokenize"] is False and kwargs["add_generation_prompt"] is True
+            return "own:" + messages[-1]["content"]
+
+    assert render_prompt(Wrapper(), [Message("user", "hello")]) == "own:hello"
+    assert render_prompt(Wrapper(), [Message("user", "hello")], family="chatml", use_builtin=True).startswith(
+        "<|im_start|>user\nhello"
+    )
+
+
 def test_tokenizer_template_error_is_invalid_request() -> None:
-    tokenizer = hf_tokenizer("{% if messages[0].role != 'user' %}{{ raise_exception('roles must start with user') }}{% endif %}")
+    check = "{% if messages[0].role != 'user' %}{{ raise_exception('roles must start with user') }}{% endif %}"
+    tokenizer = hf_tokenizer(check)
     with pytest.raises(InvalidRequest, match="roles must start with user"):
         render_prompt(tokenizer, [Message("system", "s"), Message("user", "u")])
     broken = hf_tokenizer("{% for m in messages %}{{ m.content + 1 }}{% endfor %}")
@@ -255,5 +274,5 @@ def test_builtin_templates_are_sandboxed() -> None:
     from mlx_router.core import templates
 
     template = templates._environment().from_string("{{ messages.append(1) }}")
-    with pytest.raises(Exception, match="unsafe|not safely callable|access"):
+    with pytest.raises(Exception, match=r"unsafe|not safely callable|access"):
         template.render(messages=dicts)

@@ -12,10 +12,12 @@ from ...core.types import (
     FinishReason,
     GenerationRequest,
     Message,
+    ReasoningDelta,
     SamplingParams,
     TextDelta,
     TokenLogprob,
     ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from .schemas import ChatCompletionRequest, ChatMessage
@@ -32,7 +34,7 @@ def to_generation_request(
     model_cfg: ModelConfig | None,
 ) -> GenerationRequest:
     """Validate what Pydantic cannot and resolve sampling: request, then model config, then defaults."""
-    _reject_unsupported(body)
+    _reject_unsupported(body, defaults, model_cfg)
     requested = body.max_completion_tokens or body.max_tokens
     cfg = model_cfg
     sampling = SamplingParams(
@@ -66,7 +68,12 @@ def _pick(request_value: Any, config_value: Any, fallback: Any) -> Any:
     return request_value if request_value is not None else config_value if config_value is not None else fallback
 
 
-def _reject_unsupported(body: ChatCompletionRequest) -> None:
+def _reject_unsupported(body: ChatCompletionRequest, defaults: DefaultsConfig, cfg: ModelConfig | None) -> None:
+    if body.tools and (not defaults.enable_function_calling or (cfg and cfg.supports_tools is False)):
+        raise UnsupportedParameter("function calling is disabled for this model", param="tools")
+    if body.tool_choice not in (None, "auto", "none"):
+        # Forcing a call needs constrained decoding, which is not implemented yet.
+        raise UnsupportedParameter("tool_choice must be 'auto' or 'none' for now", param="tool_choice")
     if body.n not in (None, 1):
         raise UnsupportedParameter("n > 1 is not supported: send one request per completion", param="n")
     if body.top_logprobs and not body.logprobs:
@@ -163,6 +170,16 @@ class ChunkWriter:
         lps = {"content": [logprob_entry(lp) for lp in delta.logprobs]} if self.logprobs else None
         return self._chunk([self._choice({"content": delta.text}, lps=lps)])
 
+    def reasoning(self, delta: ReasoningDelta) -> dict[str, Any]:
+        return self._chunk([self._choice({"reasoning_content": delta.text})])
+
+    def tool_call(self, delta: ToolCallDelta) -> dict[str, Any]:
+        call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+        if delta.id is not None:
+            call.update(id=delta.id, type="function")
+            call["function"]["name"] = delta.name
+        return self._chunk([self._choice({"tool_calls": [call]})])
+
     def finish(self, reason: FinishReason) -> dict[str, Any]:
         return self._chunk([self._choice({}, reason)])
 
@@ -178,11 +195,32 @@ class CompletionBuilder:
     model: str
     logprobs: bool = False
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     token_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, delta: TextDelta) -> None:
-        self.text.append(delta.text)
-        self.token_logprobs.extend(logprob_entry(lp) for lp in delta.logprobs)
+    def add(self, delta: TextDelta | ReasoningDelta | ToolCallDelta) -> None:
+        if isinstance(delta, TextDelta):
+            self.text.append(delta.text)
+            self.token_logprobs.extend(logprob_entry(lp) for lp in delta.logprobs)
+        elif isinstance(delta, ReasoningDelta):
+            self.reasoning.append(delta.text)
+        else:
+            call = self.calls.setdefault(
+                delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if delta.id is not None:
+                call["id"], call["function"]["name"] = delta.id, delta.name
+            call["function"]["arguments"] += delta.arguments
+
+    def message(self) -> dict[str, Any]:
+        text = "".join(self.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not self.calls else None}
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        return message
 
     def build(self, finish: FinishReason, usage: Usage) -> dict[str, Any]:
         return {
@@ -194,7 +232,7 @@ class CompletionBuilder:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(self.text)},
+                    "message": self.message(),
                     "logprobs": {"content": self.token_logprobs} if self.logprobs else None,
                     "finish_reason": finish,
                 }

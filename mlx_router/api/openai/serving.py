@@ -11,7 +11,7 @@ from loguru import logger
 
 from ...core.errors import RouterError
 from ...core.manager import Generation
-from ...core.types import Done, Failed, TextDelta
+from ...core.types import Done, Failed, ReasoningDelta, TextDelta, ToolCallDelta
 from ..errors import sse_error_frame
 from .convert import ChunkWriter, CompletionBuilder
 
@@ -51,7 +51,7 @@ async def complete(generation: Generation, completion_id: str, model: str, logpr
     builder = CompletionBuilder(completion_id, model, logprobs)
     timer = RequestTimer(model)
     async for event in generation.events():
-        if isinstance(event, TextDelta):
+        if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
             timer.token()
             builder.add(event)
         elif isinstance(event, Failed):
@@ -77,6 +77,12 @@ async def stream_chunks(
             if isinstance(event, TextDelta):
                 timer.token()
                 yield writer.text(_merge(event, generation.take_text(chunk_size - 1)))
+            elif isinstance(event, ReasoningDelta):
+                timer.token()
+                yield writer.reasoning(event)
+            elif isinstance(event, ToolCallDelta):
+                timer.token()
+                yield writer.tool_call(event)
             elif isinstance(event, Failed):
                 error = event.error
                 yield sse_error_frame(error if isinstance(error, RouterError) else RouterError(str(error)))

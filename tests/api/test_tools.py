@@ -1,0 +1,121 @@
+"""Tool calls and reasoning through the real server, with scripted models that emit Qwen-style markup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import make_settings, run_server
+
+from helper_tools.tiny_models import build_scripted_model
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+TWO_CALLS = (
+    'Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+THINK = "<think>Two plus two is four.</think>The answer is 4."
+TOOLS = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+    for n in ("get_weather", "get_time")
+]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tool-models")
+    build_scripted_model(root / "caller", CALL)
+    build_scripted_model(root / "two", TWO_CALLS)
+    build_scripted_model(root / "thinker", THINK)
+    return root
+
+
+@pytest.fixture
+def srv(tool_models: Path, tmp_path: Path) -> Any:
+    with run_server(make_settings(tool_models, tmp_path)) as server:
+        yield server
+
+
+def client(srv: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_non_stream_tool_call(srv: Any) -> None:
+    r = client(srv).chat.completions.create(model="caller", messages=USER, tools=TOOLS)  # type: ignore[arg-type]
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}  # type: ignore[union-attr]
+
+
+def test_stream_two_calls_equal_the_non_stream_result(srv: Any) -> None:
+    c = client(srv)
+    whole = c.chat.completions.create(model="two", messages=USER, tools=TOOLS)  # type: ignore[arg-type]
+    chunks = list(c.chat.completions.create(model="two", messages=USER, tools=TOOLS, stream=True))  # type: ignore[arg-type]
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    calls: dict[int, dict[str, str]] = {}
+    for ch in chunks:
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": "", "id": ""})
+            if tc.id:
+                entry["id"], entry["name"] = tc.id, tc.function.name or ""  # type: ignore[union-attr]
+            entry["arguments"] += tc.function.arguments or ""  # type: ignore[union-attr]
+    assert "<tool_call>" not in content and content.strip() == "Checking both."
+    assert [calls[i]["name"] for i in sorted(calls)] == ["get_weather", "get_time"]
+    streamed_args = [json.loads(calls[i]["arguments"]) for i in sorted(calls)]
+    whole_calls = whole.choices[0].message.tool_calls or []
+    assert streamed_args == [json.loads(t.function.arguments) for t in whole_calls]  # type: ignore[union-attr]
+    assert (whole.choices[0].message.content or "").strip() == "Checking both."
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" == whole.choices[0].finish_reason
+
+
+def test_a_call_to_a_function_not_offered_stays_plain_content(srv: Any) -> None:
+    only_time = [TOOLS[1]]
+    r = client(srv).chat.completions.create(model="caller", messages=USER, tools=only_time)  # type: ignore[arg-type]
+    assert r.choices[0].message.content == CALL
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "stop"
+    plain = client(srv).chat.completions.create(model="caller", messages=USER)
+    assert plain.choices[0].message.content == CALL  # no tools offered: never parsed
+
+
+def test_agent_loop_second_turn_with_tool_result_is_accepted(srv: Any) -> None:
+    c = client(srv)
+    first = c.chat.completions.create(model="caller", messages=USER, tools=TOOLS)  # type: ignore[arg-type]
+    call = (first.choices[0].message.tool_calls or [])[0]
+    history: list[Any] = [
+        *USER,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
+    second = c.chat.completions.create(model="caller", messages=history, tools=TOOLS)  # type: ignore[arg-type]
+    assert second.choices[0].finish_reason == "tool_calls"
+
+
+def test_reasoning_is_split_from_content(srv: Any) -> None:
+    r = client(srv).chat.completions.create(model="thinker", messages=USER)
+    message = r.choices[0].message.model_dump()
+    assert message["content"] == "The answer is 4."
+    assert message["reasoning_content"] == "Two plus two is four."
+    body = {"model": "thinker", "messages": USER, "stream": True}
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body, timeout=30) as s:
+        deltas = [json.loads(x[6:])["choices"][0]["delta"] for x in s.iter_lines() if x.startswith("data: {")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Two plus two is four."
+    assert "".join(d.get("content") or "" for d in deltas) == "The answer is 4."
+
+
+def test_tool_choice_that_needs_constrained_decoding_is_400(srv: Any) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client(srv).chat.completions.create(
+            model="caller",
+            messages=USER,
+            tools=TOOLS,
+            tool_choice="required",  # type: ignore[arg-type]
+        )
