@@ -54,6 +54,8 @@ def test_non_stream_tool_call(srv: Any) -> None:
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "get_weather"  # type: ignore[union-attr]
     assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}  # type: ignore[union-attr]
+    listed = {m["id"]: m for m in httpx.get(srv.base_url + "/v1/models").json()["data"]}
+    assert listed["caller"]["family"] == "qwen"  # detected from the template's <tool_call> marker
 
 
 def test_stream_two_calls_equal_the_non_stream_result(srv: Any) -> None:

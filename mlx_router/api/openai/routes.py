@@ -10,7 +10,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
 
-from ...config.discovery import estimate_memory_bytes
+from ...config.discovery import ModelSpec, estimate_memory_bytes
+from ...core.manager import MLXModelManager
+from ...core.templates import detect_family
 from ..deps import ManagerDep, RequestIdDep, SettingsDep
 from ..sse import MEDIA_TYPES, ClientGone, frame, until_disconnect
 from .convert import KNOWN_FIELDS, ChunkWriter, to_generation_request
@@ -72,7 +74,18 @@ async def list_models(manager: ManagerDep, settings: SettingsDep) -> dict[str, A
             "state": states.get(spec.id, "unloaded"),
             "aliases": list(spec.aliases),
             "model_type": spec.model_type,
+            "family": _family(manager, spec),
         }
         for spec in specs
     ]
     return {"object": "list", "data": data}
+
+
+def _family(manager: MLXModelManager, spec: ModelSpec) -> str:
+    """Configured, else what the loaded engine detected, else a guess from config.json alone."""
+    cfg = manager.registry.config_for(spec)
+    if cfg and (cfg.family or cfg.chat_template):
+        return str(cfg.family or cfg.chat_template)
+    engine = manager.engine_of(spec.id)
+    family = getattr(engine, "family", None)
+    return str(family) if family else detect_family(spec.config, None)
