@@ -127,6 +127,17 @@ def _new_tokenizer() -> Tokenizer:
     return Tokenizer.from_str(_base_tokenizer_json())
 
 
+def _padded_tokenizer(vocab_size: int) -> Tokenizer:
+    """The base tokenizer with BPE vocabulary entries ``<unusedN>`` up to ``vocab_size`` ids (no merge yields them)."""
+    data = json.loads(_base_tokenizer_json())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    size = max(vocab.values()) + 1
+    if vocab_size < size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {size} tokens")
+    vocab.update({f"<unused{i}>": i for i in range(size, vocab_size)})
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def _token_id(tok: Tokenizer, token: str) -> int:
     token_id = tok.token_to_id(token)
     if token_id is None:
@@ -224,15 +235,18 @@ def build_random_model(
     seed: int = 0,
     dtype: str = "float32",
     chat_template: str = CHATML_TEMPLATE,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a randomly initialised Llama model folder loadable by ``mlx_lm.load``.
 
     Weights come from ``mlx_lm.models.llama.Model`` after ``mx.random.seed(seed)``,
     so the same arguments give the same files. ``dtype`` is an ``mx`` dtype name.
+    ``vocab_size`` (default: the tokenizer's ~640) pads the tokenizer with tokens
+    ``<unusedN>`` that encoding never produces, so the model has a real-sized vocabulary.
     Returns ``Path(path)``.
     """
     path = Path(path)
-    tok = _new_tokenizer()
+    tok = _new_tokenizer() if vocab_size is None else _padded_tokenizer(vocab_size)
     config = _llama_config(
         hidden_size=hidden_size,
         num_layers=num_layers,
