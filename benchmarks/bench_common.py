@@ -3,6 +3,7 @@ and the hardware line. No MLX import at module level: the orchestrator stays lig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 
 # Plain words; the prompts are random sequences of them (content is irrelevant to a random model).
-WORDS = (
+_TEXT = (
     "the quick brown fox jumps over lazy dog while cat sleeps in sun small language model runs on laptop and "
     "answers questions about weather Paris is sunny warm London cold grey raining please write short story robot "
     "who learns to cook pasta for friends numbers dates prices router loads several models keeps hot ones memory "
@@ -29,7 +30,8 @@ WORDS = (
     "soon ready good morning evening night people greet other many ways if context window full request fails "
     "with error length water boils degrees ice melts zero science explains world around us code test fix bugs "
     "then again until check passes"
-).split()
+)
+WORDS = _TEXT.split()
 UNUSED_RE = re.compile(r"<unused\d+>")  # padding tokens of build_random_model(vocab_size=...): one token each
 
 
@@ -46,12 +48,14 @@ class Plan:
     quick: bool
     levels: tuple[Level, ...]
     output_tokens: int
+    temperature: float = 1.0  # a random model decoded greedily tends to repeat one token, often whitespace
     prefix_tokens: int = 4096
     question_tokens: int = 32
     warm_repeats: int = 2
     probe_tokens: int = 8  # max_tokens of the prefix and swap probes (they measure TTFT)
     swap_rounds: int = 3  # requests that each force a model swap
     raw_single_repeats: int = 3
+    raw_repeat_below_tokens: int = 1 << 30  # raw batch runs with fewer prompt tokens are measured twice (best kept)
     level_timeout_s: float = 300.0
     startup_timeout_s: float = 180.0
     warmup_timeout_s: float = 600.0
@@ -77,19 +81,51 @@ def _levels(spec: dict[int, tuple[Sequence[int], int, int]]) -> tuple[Level, ...
 def make_plan(size: str, quick: bool) -> Plan:
     if size == "gpu":
         if quick:
-            return Plan("gpu", True, _levels({128: ((1, 8, 32), 1, 4), 2048: ((1, 8), 1, 2)}), 64, level_timeout_s=300)
-        return Plan("gpu", False, _levels({128: ((1, 8, 32, 128), 2, 4), 2048: ((1, 8, 32, 128), 2, 4)}), 128,
-                    level_timeout_s=600, raw_timeout_s=1800)
+            return Plan(
+                "gpu",
+                True,
+                _levels({128: ((1, 8, 32), 1, 4), 2048: ((1, 8), 1, 2)}),
+                64,
+                raw_repeat_below_tokens=70_000,
+            )
+        return Plan(
+            "gpu",
+            False,
+            _levels({128: ((1, 8, 32, 128), 2, 4), 2048: ((1, 8, 32, 128), 2, 4)}),
+            128,
+            raw_repeat_below_tokens=70_000,
+            level_timeout_s=600,
+            raw_timeout_s=1800,
+        )
     if quick:
-        return Plan("cpu", True, _levels({128: ((1, 8), 1, 2), 2048: ((1,), 1, 2)}), 32, warm_repeats=1,
-                    swap_rounds=2, raw_single_repeats=2, level_timeout_s=180, warmup_timeout_s=300, raw_timeout_s=600)
+        return Plan(
+            "cpu",
+            True,
+            _levels({128: ((1, 8), 1, 2), 2048: ((1,), 1, 2)}),
+            32,
+            warm_repeats=1,
+            raw_repeat_below_tokens=20_000,
+            swap_rounds=2,
+            raw_single_repeats=2,
+            level_timeout_s=180,
+            warmup_timeout_s=300,
+            raw_timeout_s=600,
+        )
     # MLX's CPU backend prefills ~1k tokens/s here even for the tiny model: 2048-token levels stop at 32 streams.
     note = "CPU plan: 2048-token levels stop at concurrency 32 with N = max(4, c) (CPU prefill is ~1k tokens/s)."
-    return Plan("cpu", False, _levels({128: ((1, 8, 32, 128), 2, 4), 2048: ((1, 8, 32), 1, 4)}), 128,
-                level_timeout_s=400, notes=(note,))
+    return Plan(
+        "cpu",
+        False,
+        _levels({128: ((1, 8, 32, 128), 2, 4), 2048: ((1, 8, 32), 1, 4)}),
+        128,
+        level_timeout_s=400,
+        raw_repeat_below_tokens=20_000,
+        notes=(note,),
+    )
 
 
 # ---- statistics ----
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile, q in [0, 100]; None for no values."""
@@ -107,6 +143,7 @@ def median(values: Sequence[float]) -> float | None:
 
 
 # ---- prompts ----
+
 
 class PromptFactory:
     """Chat messages whose rendered prompt (chat template + generation prompt) has an exact token count."""
@@ -159,7 +196,7 @@ class PromptFactory:
 
     def shared_prefix(self, prefix_tokens: int, question_tokens: int, seed: int, questions: int) -> list[Any]:
         """A ~`prefix_tokens` system prompt shared by `questions` requests that differ in their final question."""
-        system, _ = self._fit(lambda ws: [{"role": "user", "content": " ".join(ws)}], prefix_tokens, random.Random(seed))
+        system, _ = self.chat(prefix_tokens, seed)
         sys_text = system[0]["content"]
         out = []
         for i in range(questions):
@@ -171,6 +208,7 @@ class PromptFactory:
 
 
 # ---- environment ----
+
 
 def _first_line(cmd: list[str]) -> str | None:
     if not shutil.which(cmd[0]):
@@ -193,10 +231,8 @@ def hardware_info(python: str = sys.executable) -> dict[str, Any]:
     except OSError:
         pass
     ram_gb = None
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     probe = (
         "import json, importlib.metadata as m, mlx.core as mx;"
         "print(json.dumps({'mlx': mx.__version__, 'mlx_lm': m.version('mlx-lm'),"
