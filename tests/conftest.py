@@ -44,6 +44,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def never_eos(model_dir: Path, name: str = "random") -> dict[str, float]:
+    """A logit_bias that keeps a random model from ending early, so timing-based tests stay deterministic."""
+    eos = json.loads((model_dir / name / "config.json").read_text())["eos_token_id"]
+    return {str(eos): -100.0}
+
+
 def make_settings(model_dir: Path, tmp_path: Path, **defaults: Any) -> Settings:
     models = defaults.pop("models", {})
     config = {"defaults": {"model_directory": str(model_dir), **defaults}, "server": {}, "models": models}

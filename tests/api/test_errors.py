@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import REPLIES, make_settings, run_server
+from conftest import REPLIES, make_settings, never_eos, run_server
 
 USER = [{"role": "user", "content": "Say something."}]
 
@@ -89,9 +89,9 @@ def test_a_model_that_cannot_load_is_503_and_others_keep_serving(model_dir: Path
     assert after.json()["choices"][0]["message"]["content"] == REPLIES["alpha"]
 
 
-def test_error_after_stream_started_is_an_sse_error_event(serve: Any) -> None:
+def test_error_after_stream_started_is_an_sse_error_event(serve: Any, model_dir: Path) -> None:
     with serve(timeout=0.3) as srv:
-        body = {"model": "random", "messages": USER, "stream": True, "temperature": 1.0, "seed": 1}
+        body = {"model": "random", "messages": USER, "stream": True, "seed": 1, "logit_bias": never_eos(model_dir)}
         with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             events = [line.removeprefix("data: ") for line in r.iter_lines() if line]

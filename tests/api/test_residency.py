@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import openai
-from conftest import REPLIES, make_settings, run_server
+from conftest import REPLIES, make_settings, never_eos, run_server
 
 from helper_tools.tiny_models import build_scripted_model
 
@@ -78,8 +78,8 @@ def test_a_model_added_while_running_is_found(model_dir: Path, tmp_path: Path) -
     assert "delta" in listed
 
 
-def test_client_disconnect_frees_the_engine_for_the_next_request(serve: Any) -> None:
-    body = {"model": "random", "messages": USER, "stream": True, "temperature": 1.0, "max_tokens": 1500}
+def test_client_disconnect_frees_the_engine_for_the_next_request(serve: Any, model_dir: Path) -> None:
+    body = {"model": "random", "messages": USER, "stream": True, "max_tokens": 1500, "logit_bias": never_eos(model_dir)}
     with serve(max_batch_size=1, max_queued_requests=1) as srv:
         with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -108,8 +108,8 @@ def test_concurrent_requests_share_a_batch_and_outputs_are_unchanged(serve: Any)
     assert peak > 1, "concurrent requests of one model must be decoded together"
 
 
-def test_queue_full_is_429_with_retry_after(serve: Any) -> None:
-    body = {"model": "random", "messages": USER, "temperature": 1.0, "max_tokens": 1500, "stream": True}
+def test_queue_full_is_429_with_retry_after(serve: Any, model_dir: Path) -> None:
+    body = {"model": "random", "messages": USER, "max_tokens": 1500, "stream": True, "logit_bias": never_eos(model_dir)}
     with serve(max_batch_size=1, max_queued_requests=1) as srv:
         url = srv.base_url + "/v1/chat/completions"
         with (
