@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,11 +47,6 @@ def error_response(error: e.RouterError) -> JSONResponse:
     status, _ = status_of(error)
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, e.Overloaded | e.NoCapacity) else None
     return JSONResponse(error_body(error), status_code=status, headers=headers)
-
-
-def sse_error_frame(error: e.RouterError) -> str:
-    """An error after the stream started: sent as a final event, then the stream ends."""
-    return f"data: {json.dumps(error_body(error))}\n\n"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

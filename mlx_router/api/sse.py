@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
@@ -23,21 +24,23 @@ class ClientGone(Exception):
     """The client disconnected before the response was ready."""
 
 
-async def frame(chunks: AsyncIterator[dict[str, Any] | str], fmt: StreamingFormat) -> AsyncIterator[str]:
-    """Serialise chunk dicts in the configured format. A `str` item is a ready SSE frame (an error event)."""
+@dataclass(frozen=True, slots=True)
+class StreamError:
+    """The last item of a stream that failed after it started: an error envelope, not a chunk."""
+
+    body: dict[str, Any]
+
+
+async def frame(chunks: AsyncIterator[dict[str, Any] | StreamError], fmt: StreamingFormat) -> AsyncIterator[str]:
+    """Serialise chunks (and a final StreamError) in the configured format."""
     if fmt == "json_array":
-        items = [c if isinstance(c, dict) else json.loads(c.removeprefix("data: ")) async for c in chunks]
-        yield json.dumps(items)
+        yield json.dumps([c.body if isinstance(c, StreamError) else c async for c in chunks], ensure_ascii=False)
         return
     errored = False
     async for chunk in chunks:
-        if isinstance(chunk, str):
-            errored = True
-            yield chunk if fmt == "sse" else chunk.removeprefix("data: ").rstrip("\n") + "\n"
-        elif fmt == "sse":
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        else:
-            yield json.dumps(chunk, ensure_ascii=False) + "\n"
+        errored = isinstance(chunk, StreamError)
+        data = json.dumps(chunk.body if isinstance(chunk, StreamError) else chunk, ensure_ascii=False)
+        yield f"data: {data}\n\n" if fmt == "sse" else data + "\n"
     if fmt == "sse" and not errored:  # after an error event the stream just ends
         yield "data: [DONE]\n\n"
 

@@ -74,7 +74,7 @@ class RequestDecoder:
                 zip(ids.tolist(), logprobs[ids].tolist(), strict=True),  # type: ignore[arg-type]
                 key=lambda p: -p[1],
             )
-            top = tuple(TopLogprob(self._text(i), lp, _utf8(self._text(i))) for i, lp in pairs)
+            top = tuple(TopLogprob(t, lp, _utf8(t)) for t, lp in ((self._text(i), lp) for i, lp in pairs))
         text = self._text(token)
         return TokenLogprob(text, float(logprobs[token].item()), _utf8(text), top)
 

@@ -57,14 +57,14 @@ async def chat_completions(
 @router.get("/v1/models")
 async def list_models(manager: ManagerDep, settings: SettingsDep) -> dict[str, Any]:
     """Every model found in the model directory, with its context window, memory estimate and load state."""
-    specs = await asyncio.to_thread(manager.registry.list)
+    specs, created = await asyncio.to_thread(_specs_with_mtimes, manager)
     states = {s.id: s.state.value for s in manager.snapshot()}
     margin = settings.defaults.safety_margin
     data = [
         {
             "id": spec.id,
             "object": "model",
-            "created": int(spec.path.stat().st_mtime) if spec.path.exists() else 0,
+            "created": created[spec.id],
             "owned_by": "mlx-router",
             "context_window": spec.context_window,
             "estimated_memory_gb": round(
@@ -89,3 +89,9 @@ def _family(manager: MLXModelManager, spec: ModelSpec) -> str:
     engine = manager.engine_of(spec.id)
     family = getattr(engine, "family", None)
     return str(family) if family else detect_family(spec.config, None)
+
+
+def _specs_with_mtimes(manager: MLXModelManager) -> tuple[list[ModelSpec], dict[str, int]]:
+    """Blocking disk work for the model list, run in a worker thread."""
+    specs = manager.registry.list()
+    return specs, {s.id: int(s.path.stat().st_mtime) if s.path.exists() else 0 for s in specs}

@@ -12,7 +12,8 @@ from loguru import logger
 from ...core.errors import RouterError
 from ...core.manager import Generation
 from ...core.types import Done, Failed, ReasoningDelta, TextDelta, ToolCallDelta
-from ..errors import sse_error_frame
+from ..errors import error_body
+from ..sse import StreamError
 from .convert import ChunkWriter, CompletionBuilder
 
 
@@ -68,7 +69,7 @@ async def stream_chunks(
     *,
     include_usage: bool,
     chunk_size: int,
-) -> AsyncIterator[dict[str, Any] | str]:
+) -> AsyncIterator[dict[str, Any] | StreamError]:
     """OpenAI chunks for a started generation: role first, then deltas, finish, optional usage."""
     timer = RequestTimer(writer.model)
     yield writer.role()
@@ -85,7 +86,7 @@ async def stream_chunks(
                 yield writer.tool_call(event)
             elif isinstance(event, Failed):
                 error = event.error
-                yield sse_error_frame(error if isinstance(error, RouterError) else RouterError(str(error)))
+                yield StreamError(error_body(error if isinstance(error, RouterError) else RouterError(str(error))))
                 return
             elif isinstance(event, Done):
                 timer.log(event)
