@@ -13,7 +13,15 @@ from .types import Event, FinishReason, SamplingParams, TextDelta, TokenLogprob,
 class RequestDecoder:
     """Turns one request's sampled tokens into events (text, reasoning, tool calls) and decides when it ends."""
 
-    def __init__(self, tokenizer: Any, sampling: SamplingParams, parser: StreamParser, *, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        sampling: SamplingParams,
+        parser: StreamParser,
+        *,
+        prompt_tokens: int,
+        constraint: Any = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._detokenizer = tokenizer.detokenizer
         self._sampling = sampling
@@ -21,7 +29,8 @@ class RequestDecoder:
         self._pending_logprobs: list[TokenLogprob] = []
         self._stops = StopStringFilter(sampling.stop)
         self.sampler = make_sampler(sampling)
-        self.logits_processors = make_logits_processors(sampling)
+        # The grammar mask goes last, so no bias or penalty can lift a token it forbids.
+        self.logits_processors = make_logits_processors(sampling) + ([constraint] if constraint else [])
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = 0
         self.completion_tokens = 0
@@ -45,7 +54,7 @@ class RequestDecoder:
         events = self._parser.feed(text) if text else []
         if finish is not None:
             events += self._parser.finish()
-            if self._parser.saw_tool_calls:
+            if finish == "stop" and self._parser.saw_tool_calls:  # cut off by max_tokens stays "length"
                 finish = "tool_calls"
         return self._attach_logprobs(events), finish
 

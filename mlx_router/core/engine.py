@@ -19,6 +19,7 @@ from typing import Any
 from loguru import logger
 
 from ..config.discovery import ModelSpec
+from .constrained import ConstraintCompiler
 from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .parsing import StreamParser
@@ -170,6 +171,7 @@ class ModelEngine:
 
         self._prompts = self._prompts.resolve_family(self.spec.config, tokenizer)
         self.family = self._prompts.family
+        self._constraints = ConstraintCompiler(tokenizer)
         gen = self._make_batch_generator(BatchGenerator, model, tokenizer)
         self._warm_up(gen)
         logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
@@ -241,7 +243,10 @@ class ModelEngine:
                 tool_choice=request.tool_choice,
                 start_in_reasoning=in_reasoning,
             )
-            decoder = RequestDecoder(tokenizer, request.sampling, parser, prompt_tokens=len(prompt))
+            constraint = self._constraints.processor(request, self.family or "generic", in_reasoning=in_reasoning)
+            decoder = RequestDecoder(
+                tokenizer, request.sampling, parser, prompt_tokens=len(prompt), constraint=constraint
+            )
             (uid,) = gen.insert(
                 [rest],
                 max_tokens=[max_tokens],

@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +122,62 @@ def _python_statements(text: str) -> list[str]:
     return [s for s in sources if s is not None]
 
 
+# ---- grammar text for forced calls (llguidance Lark; see constrained.py) ----
+
+# Writes a marker as a Lark terminal: a quoted string, or a special token reference where the tokenizer has one.
+Literal = Callable[[str], str]
+# (name, JSON schema of the parameters) of each function a forced call may choose.
+ForcedTools = Sequence[tuple[str, dict[str, Any]]]
+
+# Compact JSON: flexible whitespace would let a model pad its answer with blank lines until max_tokens.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def quoted(text: str) -> str:
+    """A Lark string literal matching `text` as plain characters."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def json_rule(schema: dict[str, Any]) -> str:
+    """A Lark expression for one JSON value valid against `schema` (compact separators)."""
+    return "%json " + json.dumps({**schema, "x-guidance": _JSON_OPTIONS}, ensure_ascii=False)
+
+
+def call_object_schema(tools: ForcedTools, args_key: str = "arguments") -> dict[str, Any]:
+    """`{"name": ..., "<args_key>": {...}}` for any one of `tools`, its arguments valid against that tool's schema."""
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, args_key: params},
+            "required": ["name", args_key],
+            "additionalProperties": False,
+        }
+        for name, params in tools
+    ]
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+_NL = quoted("\n")
+
+
+def _repeat(call: str, parallel: bool, separator: str = _NL) -> str:
+    return f"{call} ({separator} {call})*" if parallel else call
+
+
+def _json_list(tools: ForcedTools, parallel: bool) -> str:
+    schema: dict[str, Any] = {"type": "array", "items": call_object_schema(tools), "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return json_rule(schema)
+
+
 class ToolParser:
     """How one tool-call format is delimited and read (vLLM-style).
 
     `start_marker` opens a call; `end_marker` closes it (None: the call runs to the end of the output).
     A parser with `start_marker=None` matches a whole message that opens with one of `openers`
     (e.g. Llama's bare JSON calls). `parse` gets the text between the markers and raises ToolCallError.
+    `call_grammar` writes the format as a grammar, for `tool_choice` forcing a call (None: not expressible).
     """
 
     start_marker: str | None = None
@@ -136,6 +186,9 @@ class ToolParser:
 
     def parse(self, text: str, tools: Sequence[dict[str, Any]] = ()) -> list[ParsedCall]:
         raise NotImplementedError
+
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        return None
 
 
 class HermesParser(ToolParser):
@@ -149,6 +202,10 @@ class HermesParser(ToolParser):
         if body.startswith("<function="):
             return [_qwen3_coder(body, tools)]
         return _as_calls(_mlx_parser("json_tools", body))
+
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        body = json_rule(call_object_schema(tools))
+        return _repeat(f"{literal('<tool_call>')} {_NL} {body} {_NL} {literal('</tool_call>')}", parallel)
 
 
 def _qwen3_coder(body: str, tools: Sequence[dict[str, Any]]) -> ParsedCall:
@@ -185,6 +242,11 @@ class LlamaJsonParser(ToolParser):
     def parse(self, text: str, tools: Sequence[dict[str, Any]] = ()) -> list[ParsedCall]:
         return [_as_call(value) for value in _json_sequence(text)]
 
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        # Bare JSON with "parameters", as Llama 3.1's template renders past calls (`<|python_tag|>` is for
+        # its built-in tools).
+        return _repeat(json_rule(call_object_schema(tools, "parameters")), parallel, quoted("; "))
+
 
 class PythonicParser(ToolParser):
     """A list of Python calls, `[f(a=1, b="x"), g()]`: a whole message, or inside LFM2-style markers."""
@@ -215,6 +277,9 @@ class MistralParser(ToolParser):
     def parse(self, text: str, tools: Sequence[dict[str, Any]] = ()) -> list[ParsedCall]:
         # Newer models repeat the marker before every call; the mlx-lm parser skips over it.
         return _as_calls(_mlx_parser("mistral", text.strip()))
+
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        return f"{literal('[TOOL_CALLS]')} {_json_list(tools, parallel)}"
 
 
 _DS_CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)
@@ -256,6 +321,18 @@ class DeepSeekParser(ToolParser):
             name, args = head.strip(), _loads(rest)
         return _as_call({"name": name, "arguments": args})
 
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        if self.start_marker != "<｜tool▁calls▁begin｜>":
+            return None
+        fence, close = quoted("\n```json\n"), quoted("\n```")
+        begin, sep, end = literal("<｜tool▁call▁begin｜>"), literal("<｜tool▁sep｜>"), literal("<｜tool▁call▁end｜>")
+        calls = " | ".join(
+            f'{begin} "function" {sep} {quoted(name)} {fence} {json_rule(params)} {close} {end}'
+            for name, params in tools
+        )
+        body = f"({calls})+" if parallel else f"({calls})"
+        return f"{literal('<｜tool▁calls▁begin｜>')} {body} {literal('<｜tool▁calls▁end｜>')}"
+
 
 class Phi4Parser(ToolParser):
     """Phi-4 `<|tool_call|>[{"name": ..., "arguments": {...}}, ...]<|/tool_call|>`."""
@@ -265,6 +342,9 @@ class Phi4Parser(ToolParser):
 
     def parse(self, text: str, tools: Sequence[dict[str, Any]] = ()) -> list[ParsedCall]:
         return _as_calls(_loads(text.strip()))
+
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        return f"{literal('<|tool_call|>')} {_json_list(tools, parallel)} {literal('<|/tool_call|>')}"
 
 
 class GemmaParser(ToolParser):
@@ -297,6 +377,16 @@ class HarmonyParser(ToolParser):
             raise ToolCallError("harmony message without a functions.* recipient")
         args = _loads(body.strip()) if body.strip() else {}
         return [_as_call({"name": match.group(1), "arguments": args})]
+
+    def call_grammar(self, tools: ForcedTools, *, parallel: bool, literal: Literal = quoted) -> str | None:
+        # One call per message: harmony ends the turn with <|call|> and waits for the result.
+        head, constrain, message = literal("<|channel|>"), literal("<|constrain|>"), literal("<|message|>")
+        calls = " | ".join(
+            f'{head} {quoted("commentary to=functions." + name + " ")} {constrain} "json" {message} '
+            f"{json_rule(params)} {literal('<|call|>')}"
+            for name, params in tools
+        )
+        return f"({calls})"
 
 
 _HERMES = HermesParser()

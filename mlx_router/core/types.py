@@ -53,6 +53,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """What the output must be, enforced token by token: a call to one of `tool_names`, else JSON of `json_schema`."""
+
+    json_schema: dict[str, Any] | None = None
+    tool_names: tuple[str, ...] = ()
+    parallel_calls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """What every dialect's request becomes before it reaches the manager."""
 
@@ -65,6 +74,7 @@ class GenerationRequest:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # Explicit max_tokens from the client; when None the engine may apply the model's configured limit.
     max_tokens_requested: int | None = None
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True, slots=True)

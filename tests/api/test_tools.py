@@ -111,13 +111,3 @@ def test_reasoning_is_split_from_content(srv: Any) -> None:
         deltas = [json.loads(x[6:])["choices"][0]["delta"] for x in s.iter_lines() if x.startswith("data: {")]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "Two plus two is four."
     assert "".join(d.get("content") or "" for d in deltas) == "The answer is 4."
-
-
-def test_tool_choice_that_needs_constrained_decoding_is_400(srv: Any) -> None:
-    with pytest.raises(openai.BadRequestError):
-        client(srv).chat.completions.create(
-            model="caller",
-            messages=USER,
-            tools=TOOLS,
-            tool_choice="required",  # type: ignore[arg-type]
-        )

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...config.settings import DefaultsConfig, ModelConfig
+from ...core.constrained import check_constraint
 from ...core.errors import InvalidRequest, UnsupportedParameter
 from ...core.types import (
     FinishReason,
     GenerationRequest,
     Message,
+    OutputConstraint,
     ReasoningDelta,
     SamplingParams,
     TextDelta,
@@ -52,7 +54,7 @@ def to_generation_request(
         repetition_penalty=body.repetition_penalty,
         logit_bias=_logit_bias(body.logit_bias),
     )
-    return GenerationRequest(
+    request = GenerationRequest(
         request_id=request_id,
         model=model_id,
         messages=tuple(_message(m, i) for i, m in enumerate(body.messages)),
@@ -61,7 +63,10 @@ def to_generation_request(
         tool_choice=body.tool_choice,
         chat_template_kwargs=dict(body.chat_template_kwargs or {}),
         max_tokens_requested=requested,
+        constraint=_constraint(body),
     )
+    check_constraint(request)
+    return request
 
 
 def _pick(request_value: Any, config_value: Any, fallback: Any) -> Any:
@@ -71,15 +76,69 @@ def _pick(request_value: Any, config_value: Any, fallback: Any) -> Any:
 def _reject_unsupported(body: ChatCompletionRequest, defaults: DefaultsConfig, cfg: ModelConfig | None) -> None:
     if body.tools and (not defaults.enable_function_calling or (cfg and cfg.supports_tools is False)):
         raise UnsupportedParameter("function calling is disabled for this model", param="tools")
-    if body.tool_choice not in (None, "auto", "none"):
-        # Forcing a call needs constrained decoding, which is not implemented yet.
-        raise UnsupportedParameter("tool_choice must be 'auto' or 'none' for now", param="tool_choice")
     if body.n not in (None, 1):
         raise UnsupportedParameter("n > 1 is not supported: send one request per completion", param="n")
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise UnsupportedParameter("response_format other than 'text' is not supported yet", param="response_format")
+
+
+def _constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
+    forced = _forced_tool_names(body)
+    schema = _response_schema(body.response_format)
+    if forced and schema is not None:
+        raise InvalidRequest("response_format cannot be combined with a forced tool call", param="response_format")
+    if forced:
+        return OutputConstraint(tool_names=forced, parallel_calls=body.parallel_tool_calls is not False)
+    return None if schema is None else OutputConstraint(json_schema=schema)
+
+
+def _forced_tool_names(body: ChatCompletionRequest) -> tuple[str, ...]:
+    """The functions `tool_choice` forces a call to: all offered ones for "required", or the named one."""
+    choice = body.tool_choice
+    if choice in (None, "auto", "none"):
+        return ()
+    names = tuple(n for n in (_tool_name(t) for t in body.tools or ()) if n)
+    if choice == "required":
+        if not names:
+            raise InvalidRequest("tool_choice 'required' needs at least one function in tools", param="tool_choice")
+        return names
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type", "function") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest(
+            'tool_choice must be \'auto\', \'none\', \'required\' or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if fn["name"] not in names:
+        raise InvalidRequest(f"tool_choice names function '{fn['name']}', which is not in tools", param="tool_choice")
+    return (fn["name"],)
+
+
+def _tool_name(tool: dict[str, Any]) -> str | None:
+    fn = tool.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _response_schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks for ({"type": "object"} for json_object), or None for text."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = (fmt or {}).get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest(
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format.json_schema.schema",
+            )
+        return schema
+    raise InvalidRequest(
+        f"response_format type '{kind}' is not supported: use 'text', 'json_object' or 'json_schema'",
+        param="response_format.type",
+    )
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
