@@ -113,23 +113,23 @@ class ConstraintCompiler:
 
 
 class GrammarProcessor:
-    """An mlx-lm logits processor: advances the grammar by the tokens sampled since its last call, then masks."""
+    """An mlx-lm logits processor: advances the grammar by the token sampled since its last call, then masks."""
 
     def __init__(self, matcher: Any, eos_token_ids: Sequence[int]) -> None:
         self._matcher = matcher
         self._eos = list(eos_token_ids)
-        self._seen: int | None = None
+        self._started = False
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
         import numpy as np
 
-        # `tokens` is the whole sequence so far (prompt included); the first call marks where the output starts.
-        if self._seen is None:
-            self._seen = len(tokens)
-        elif len(tokens) > self._seen:
-            self._advance(tokens[self._seen :].tolist())
-            self._seen = len(tokens)
+        # mlx-lm calls processors once per step, with the token just sampled last in `tokens`; the first call comes
+        # at the end of the prompt, before anything was sampled. Counting calls (not lengths) keeps this right
+        # whichever generator runs the request and however much of the prompt came from the prefix cache.
+        if self._started and not self._matcher.is_error():
+            self._matcher.consume_token(int(tokens[-1].item()))
+        self._started = True
         vocab = logits.shape[-1]
         if self._matcher.is_error():
             # Only reachable if a token outside the grammar was fed: end the output rather than let it go astray.
@@ -141,8 +141,3 @@ class GrammarProcessor:
             if len(allowed) < vocab:  # a padded embedding has rows no token uses
                 allowed = np.pad(allowed, (0, vocab - len(allowed)))
         return mx.where(mx.array(allowed[:vocab]), logits, -mx.inf)
-
-    def _advance(self, new_tokens: Sequence[int]) -> None:
-        for token in new_tokens:
-            if not self._matcher.consume_token(token):
-                break
