@@ -3,12 +3,14 @@
 Every builder writes a folder that ``mlx_lm.load`` accepts: a Llama
 ``config.json``, ``model.safetensors``, a byte-level BPE ``tokenizer.json``
 trained here on a built-in corpus, and a ``tokenizer_config.json`` with a
-ChatML chat template (Qwen-style tool calls, so mlx-lm infers the
-``json_tools`` parser).
+chat template: ChatML with Qwen-style tool calls (so mlx-lm infers the
+``json_tools`` parser), or for scripted models optionally Llama 3 style
+(:data:`LLAMA3`).
 
 * :func:`build_random_model` - random weights; output is gibberish.
 * :func:`build_scripted_model` - greedy decoding after any chat prompt emits a
-  fixed reply, then ``<|im_end|>``.
+  fixed reply, then EOS; optionally a second reply once a marker token (such
+  as the one that opens a tool result) is in the prompt, for agent loops.
 * :func:`build_demo_model` - a scripted model with a friendly reply, also
   available as ``python helper_tools/tiny_models.py --model-dir DIR``.
 """
@@ -20,22 +22,32 @@ import functools
 import json
 import re
 import sys
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+if __package__:
+    from .scripted_weights import LlamaShape, scripted_weights
+else:  # run as a script: python helper_tools/tiny_models.py
+    from scripted_weights import LlamaShape, scripted_weights  # type: ignore[no-redef]
+
 __all__ = [
     "ASSISTANT_PROMPT_TOKEN",
     "BOS_TOKEN",
+    "CHATML",
     "CHATML_TEMPLATE",
     "DEMO_REPLY",
     "EOS_TOKEN",
+    "LLAMA3",
+    "LLAMA3_TEMPLATE",
     "PAD_TOKEN",
+    "ChatFormat",
     "build_demo_model",
     "build_random_model",
     "build_scripted_model",
@@ -52,12 +64,16 @@ ASSISTANT_PROMPT_TOKEN = "<|im_start|>assistant\n"
 SPECIAL_TOKENS = (BOS_TOKEN, IM_START, EOS_TOKEN)
 DEMO_REPLY = "Hello from mlx-router! This reply comes from a tiny scripted demo model."
 
-CHATML_TEMPLATE = (
+# Message text: a string, or the text parts of a content list.
+_TEXT_MACRO = (
     "{% macro text(content) %}"
     "{% if content is string %}{{ content }}"
     "{% elif content %}{% for part in content if part.type == 'text' %}{{ part.text }}{% endfor %}"
     "{% endif %}"
     "{% endmacro %}"
+)
+
+CHATML_TEMPLATE = _TEXT_MACRO + (
     "{% set msgs = messages %}"
     "{% if tools or messages[0].role == 'system' %}"
     "<|im_start|>system\n"
@@ -86,6 +102,57 @@ CHATML_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Llama 3.1 style: tools in the system turn, calls as bare JSON with "parameters", results in the ipython role.
+LLAMA3_TEMPLATE = _TEXT_MACRO + (
+    "{{ bos_token }}"
+    "{% set msgs = messages %}"
+    "{% if tools or messages[0].role == 'system' %}"
+    "<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% if tools %}Environment: ipython\n\n{% endif %}"
+    "{% if messages[0].role == 'system' %}{{ text(messages[0].content) }}{% set msgs = messages[1:] %}"
+    "{% else %}You are a helpful assistant.{% endif %}"
+    "{% if tools %}\n\nTo call a function, reply with only a JSON object of the form "
+    '{"name": function name, "parameters": object of argument names and values}. Functions:'
+    "{% for tool in tools %}{{ '\\n\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{% endif %}"
+    "<|eot_id|>"
+    "{% endif %}"
+    "{% for m in msgs %}"
+    "<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>\n\n"
+    "{{ text(m.content) }}"
+    "{% for call in m.tool_calls or [] %}"
+    "{% set tool_call = call.function if call.function is defined else call %}"
+    "{% if not loop.first %}; {% endif %}"
+    '{"name": "{{ tool_call.name }}", "parameters": '
+    "{% if tool_call.arguments is string %}{{ tool_call.arguments }}"
+    "{% else %}{{ tool_call.arguments | tojson }}{% endif %}}"
+    "{% endfor %}"
+    "<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatFormat:
+    """A chat template and the markup strings that a scripted model's tokenizer keeps whole."""
+
+    template: str
+    generation_prompt: str  # what add_generation_prompt appends: one special token, every prompt's last
+    eos_token: str  # ends the assistant's turn; the model's EOS
+    tool_result_marker: str  # written only where the template renders a tool result
+    special_tokens: tuple[str, ...] = ()  # further markup to keep whole
+
+
+CHATML = ChatFormat(CHATML_TEMPLATE, ASSISTANT_PROMPT_TOKEN, EOS_TOKEN, "<tool_response>")
+LLAMA3 = ChatFormat(
+    LLAMA3_TEMPLATE,
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|eot_id|>",
+    "<|start_header_id|>ipython<|end_header_id|>\n\n",
+    ("<|start_header_id|>", "<|end_header_id|>"),
 )
 
 _CORPUS = (
@@ -162,10 +229,11 @@ def _write_folder(
     config: dict[str, Any],
     chat_template: str,
     dtype: str,
+    eos_token: str = EOS_TOKEN,
 ) -> Path:
     """Write config, weights and tokenizer files; ``config`` gains the token ids."""
     path.mkdir(parents=True, exist_ok=True)
-    eos_id, bos_id = _token_id(tok, EOS_TOKEN), _token_id(tok, BOS_TOKEN)
+    eos_id, bos_id = _token_id(tok, eos_token), _token_id(tok, BOS_TOKEN)
     config.update(
         vocab_size=tok.get_vocab_size(with_added_tokens=True),
         eos_token_id=eos_id,
@@ -184,7 +252,7 @@ def _write_folder(
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS_TOKEN,
-            "eos_token": EOS_TOKEN,
+            "eos_token": eos_token,
             "pad_token": PAD_TOKEN,
             "unk_token": None,
             "add_bos_token": False,
@@ -264,8 +332,8 @@ def build_random_model(
 _PIECE_RE = re.compile(r"\s*<[^<>\s]+>|\s*\w+|\s*[^\w\s<]+|\s*<|\s+")
 
 
-def _split_reply(reply: str) -> list[str]:
-    """Split ``reply`` into pieces that all differ, so a bigram table can replay them."""
+def _split_reply(reply: str, taken: Collection[str] = ()) -> list[str]:
+    """Split ``reply`` into pieces that all differ, and differ from ``taken``, so a bigram table can replay them."""
     raw = _PIECE_RE.findall(reply)
     assert "".join(raw) == reply
     pieces: list[str] = []
@@ -273,12 +341,14 @@ def _split_reply(reply: str) -> list[str]:
     while i < len(raw):
         cur = raw[i]
         i += 1
-        while cur in pieces:
+        while cur in pieces or cur in taken:
             if i < len(raw):
                 cur += raw[i]
                 i += 1
-            else:  # A repeat at the very end: absorb earlier pieces instead.
+            elif pieces:  # A repeat at the very end: absorb earlier pieces instead.
                 cur = pieces.pop() + cur
+            else:
+                raise ValueError(f"{reply!r} cannot be split into pieces unlike the other reply's")
         pieces.append(cur)
     return pieces
 
@@ -289,10 +359,20 @@ def _byte_level(text: str) -> str:
     return "".join(s for s, _ in pre.pre_tokenize_str(text))
 
 
+def _swallows(piece: str, markup: str) -> bool:
+    """Whether added token ``piece`` can match text that starts before ``markup`` and runs into it.
+
+    Added tokens match leftmost first, so such a piece would split ``markup`` in a prompt.
+    """
+    return markup in piece or any(piece.endswith(markup[:k]) for k in range(1, min(len(piece), len(markup) + 1)))
+
+
 def build_scripted_model(
     path: str | Path,
     reply: str,
     *,
+    after_marker: tuple[str, str] | None = None,
+    chat_format: ChatFormat = CHATML,
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 1,
@@ -304,33 +384,64 @@ def build_scripted_model(
 ) -> Path:
     """Write a model whose greedy continuation of any chat prompt is ``reply`` + EOS.
 
-    The prompt must be rendered with the chat template and
-    ``add_generation_prompt=True``; its last token is then always the special
-    :data:`ASSISTANT_PROMPT_TOKEN`. ``reply`` is split into word/punctuation
-    pieces (merged where needed so that no piece repeats), each becoming an added
-    token, and the weights form a bigram table: prompt token -> first piece ->
-    ... -> last piece -> ``<|im_end|>``. Both ``tokenizer.decode`` and mlx-lm's
-    streaming detokenizer give back ``reply`` exactly.
+    The prompt must be rendered with ``chat_format``'s template (:data:`CHATML`, the
+    default, or :data:`LLAMA3`) and ``add_generation_prompt=True``; its last token is then
+    always the format's special generation-prompt token (:data:`ASSISTANT_PROMPT_TOKEN`
+    for ChatML). ``reply`` is split into word/punctuation pieces (merged where needed so
+    that no piece repeats), each becoming an added token, and the weights form a bigram
+    table: prompt token -> first piece -> ... -> last piece -> EOS. Both
+    ``tokenizer.decode`` and mlx-lm's streaming detokenizer give back ``reply`` exactly.
 
-    ``reply`` may not start with a space (mlx-lm's BPE streaming detokenizer
-    drops the first one, as for real byte-level BPE models) nor contain the
-    special token strings. Returns ``Path(path)``.
+    ``after_marker=(marker, final_reply)`` adds ``marker`` as one token, and the model
+    answers ``final_reply`` instead of ``reply`` whenever that token is anywhere in the
+    prompt, at any length up to ``max_position_embeddings``. With the format's
+    ``tool_result_marker`` as marker, ``reply`` can be a tool call and ``final_reply`` the
+    answer after the tool result: a whole agent loop. How the weights do it:
+    :mod:`helper_tools.scripted_weights`. Pieces of ``final_reply`` are kept apart from
+    those of ``reply`` (merged further where needed); ``dtype`` may not be float16.
+
+    Replies may not start with a space (mlx-lm's BPEStreamingDetokenizer drops the first
+    one, as for real byte-level BPE models) nor contain the special tokens or the marker.
+    Returns ``Path(path)``.
     """
-    if reply.startswith(" "):
-        raise ValueError("reply must not start with a space: mlx-lm's BPEStreamingDetokenizer strips it")
-    if any(s in reply for s in (*SPECIAL_TOKENS, ASSISTANT_PROMPT_TOKEN)):
-        raise ValueError(f"reply must not contain the special tokens {SPECIAL_TOKENS}")
+    fmt = chat_format
+    reserved = (*SPECIAL_TOKENS, fmt.generation_prompt, fmt.eos_token, *fmt.special_tokens)
+    replies, marker = [reply], None
+    if after_marker is not None:
+        marker, final_reply = after_marker
+        replies.append(final_reply)
+        if not marker or marker in reserved:
+            raise ValueError(f"the marker {marker!r} must be non-empty and not a special token")
+        if dtype == "float16":
+            raise ValueError("float16 cannot hold the activations of a model with after_marker")
+    for text in replies:
+        if text.startswith(" "):
+            raise ValueError("a reply must not start with a space: mlx-lm's BPEStreamingDetokenizer strips it")
+        if any(s in text for s in (*reserved, *([marker] if marker else []))):
+            raise ValueError(f"a reply must not contain the special tokens {reserved} or the marker")
     path = Path(path)
     tok = _new_tokenizer()
-    tok.add_special_tokens([AddedToken(ASSISTANT_PROMPT_TOKEN, special=True, normalized=False)])
+    specials = (fmt.generation_prompt, fmt.eos_token, *fmt.special_tokens)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    first = _split_reply(reply)
+    second = _split_reply(replies[1], taken=first) if marker is not None else []
     # Added tokens hold the byte-level form of each piece: the ByteLevel decoder maps
     # every character of a token back to a byte, so raw text such as "é" would decode
     # to a stray byte 0xE9 (in tokenizers and in mlx-lm's streaming detokenizer).
-    pieces = [_byte_level(p) for p in _split_reply(reply)]
+    pieces = [_byte_level(p) for p in (*first, *second)]
     tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in pieces])
+    markup = [fmt.generation_prompt]
+    if marker is not None:
+        tok.add_tokens([AddedToken(marker, special=False, normalized=False)])
+        markup.append(marker)
+    for piece in pieces:
+        if any(_swallows(piece, m) for m in markup):
+            raise ValueError(f"reply piece {piece!r} would split {markup} in prompts")
     # Pieces already in the BPE vocab keep their id; distinct pieces still get distinct ids.
-    chain = [_token_id(tok, t) for t in (ASSISTANT_PROMPT_TOKEN, *pieces, EOS_TOKEN)]
-    assert len(set(chain)) == len(chain), chain
+    ids = [_token_id(tok, p) for p in pieces]
+    start, eos = _token_id(tok, fmt.generation_prompt), _token_id(tok, fmt.eos_token)
+    script = [start, *ids[: len(first)], eos]
+    branch = None if marker is None else (_token_id(tok, marker), [*ids[len(first) :], eos])
 
     config = _llama_config(
         hidden_size=hidden_size,
@@ -343,33 +454,24 @@ def build_scripted_model(
     )
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     model = _new_model(config, vocab_size, seed)
-    for layer in model.model.layers:
-        # No residual updates: the final hidden state is the current token's embedding.
-        layer.self_attn.o_proj.weight = mx.zeros_like(layer.self_attn.o_proj.weight)
-        layer.mlp.down_proj.weight = mx.zeros_like(layer.mlp.down_proj.weight)
-
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((vocab_size, hidden_size)).astype(np.float32)
-    sources = chain[:-1]
-    if len(sources) <= hidden_size:
-        # Orthonormal source embeddings: the wrong logits are exactly zero.
-        q, _ = np.linalg.qr(rng.standard_normal((hidden_size, len(sources))))
-        emb[sources] = q.T
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    # After RMSNorm a token's state is sqrt(d) * its unit embedding, so row next(t) = unit(t)
-    # gives the right successor a logit of `peak` and (Cauchy-Schwarz) every other one less.
-    peak = 30.0
-    head = np.zeros((vocab_size, hidden_size), dtype=np.float32)
-    head[chain[1:]] = unit[sources] * (peak / np.sqrt(hidden_size))
-    model.model.embed_tokens.weight = mx.array(emb)
-    model.model.norm.weight = mx.ones((hidden_size,))
-    model.lm_head.weight = mx.array(head)
-    return _write_folder(path, tok, model, config, CHATML_TEMPLATE, dtype)
+    shape = LlamaShape(
+        vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, max_position_embeddings
+    )
+    weights = scripted_weights(shape, script, branch, seed=seed)
+    names = {name for name, _ in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))}
+    assert names >= weights.keys(), weights.keys() - names
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=False)
+    return _write_folder(path, tok, model, config, fmt.template, dtype, fmt.eos_token)
 
 
-def build_demo_model(model_dir: str | Path, name: str = "tiny-demo", reply: str = DEMO_REPLY) -> Path:
+def build_demo_model(
+    model_dir: str | Path,
+    name: str = "tiny-demo",
+    reply: str = DEMO_REPLY,
+    after_marker: tuple[str, str] | None = None,
+) -> Path:
     """Write a scripted demo model to ``model_dir/name`` and return its path."""
-    return build_scripted_model(Path(model_dir) / name, reply)
+    return build_scripted_model(Path(model_dir) / name, reply, after_marker=after_marker)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,13 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a tiny scripted MLX demo model.")
     parser.add_argument("--model-dir", required=True, type=Path, help="folder that holds model folders")
     parser.add_argument("--name", default="tiny-demo", help="model folder name (default: tiny-demo)")
-    parser.add_argument("--reply", default=DEMO_REPLY, help="the reply the model always gives")
+    parser.add_argument("--reply", default=DEMO_REPLY, help="the reply the model gives")
+    parser.add_argument(
+        "--after-marker",
+        nargs=2,
+        metavar=("MARKER", "REPLY"),
+        help=f"answer REPLY instead once MARKER is in the prompt; {CHATML.tool_result_marker!r} opens tool results",
+    )
     args = parser.parse_args(argv)
-    path = build_demo_model(args.model_dir, args.name, args.reply)
+    after_marker = tuple(args.after_marker) if args.after_marker else None
+    path = build_demo_model(args.model_dir, args.name, args.reply, after_marker)
     print(f"Wrote scripted model to {path}:")
     for f in sorted(path.iterdir()):
         print(f"  {f.name:24s} {f.stat().st_size:>9,d} bytes")
     print(f"\nEvery chat request to it answers: {args.reply!r}")
+    if after_marker:
+        print(f"...or, once {after_marker[0]!r} is in the prompt: {after_marker[1]!r}")
     print(f"Check it: mlx_lm.generate --model {path} --prompt Hi")
     print(f"Serve it: mlx-router --model-dir {args.model_dir}")
     body = json.dumps({"model": args.name, "messages": [{"role": "user", "content": "Hi"}]})

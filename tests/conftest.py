@@ -18,7 +18,7 @@ import uvicorn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helper_tools.tiny_models import build_random_model, build_scripted_model  # noqa: E402
+from helper_tools.tiny_models import CHATML, LLAMA3, build_random_model, build_scripted_model  # noqa: E402
 from mlx_router.app import create_app  # noqa: E402
 from mlx_router.config.settings import Settings, load_settings  # noqa: E402
 from mlx_router.core.manager import MLXModelManager  # noqa: E402
@@ -29,16 +29,25 @@ REPLIES = {
     "bravo": "Bravo here, reporting for duty with a longer scripted answer.",
     "charlie": "Charlie says hello!",
 }
+# Agent-loop models: each calls get_weather, then answers once a tool result is in the prompt.
+AGENT_CALLS = {
+    "agent": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>',
+    "agent-llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}',
+}
+AGENT_ANSWER = "It is 21 C and sunny in Paris."
 
 setup_logging("INFO", None)
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory with three scripted models, a small-context one and a random one."""
+    """A model directory with three scripted models, a small-context one, two agent-loop ones and a random one."""
     root = tmp_path_factory.mktemp("models")
     for name, reply in REPLIES.items():
         build_scripted_model(root / name, reply)
+    for name, fmt in (("agent", CHATML), ("agent-llama3", LLAMA3)):
+        after = (fmt.tool_result_marker, AGENT_ANSWER)
+        build_scripted_model(root / name, AGENT_CALLS[name], after_marker=after, chat_format=fmt)
     build_scripted_model(root / "tiny-ctx", REPLIES["alpha"], max_position_embeddings=64)
     build_random_model(root / "random")
     return root

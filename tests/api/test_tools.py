@@ -1,4 +1,8 @@
-"""Tool calls and reasoning through the real server, with scripted models that emit Qwen-style markup."""
+"""Tool calls and reasoning through the real server, with scripted models that emit Qwen-style markup.
+
+The agent-loop tests use the shared models ``agent`` (Qwen/Hermes ``<tool_call>``) and ``agent-llama3``
+(Llama 3 bare JSON), which call get_weather, then answer once the tool result is in the prompt.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import make_settings, run_server
+from conftest import AGENT_ANSWER, make_settings, run_server
 
 from helper_tools.tiny_models import build_scripted_model
 
@@ -88,17 +92,50 @@ def test_a_call_to_a_function_not_offered_stays_plain_content(srv: Any) -> None:
     assert plain.choices[0].message.content == CALL  # no tools offered: never parsed
 
 
-def test_agent_loop_second_turn_with_tool_result_is_accepted(srv: Any) -> None:
-    c = client(srv)
-    first = c.chat.completions.create(model="caller", messages=USER, tools=TOOLS)  # type: ignore[arg-type]
-    call = (first.choices[0].message.tool_calls or [])[0]
-    history: list[Any] = [
-        *USER,
-        first.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
-    ]
-    second = c.chat.completions.create(model="caller", messages=history, tools=TOOLS)  # type: ignore[arg-type]
-    assert second.choices[0].finish_reason == "tool_calls"
+Call = tuple[str, str, str]  # id, function name, arguments
+
+
+def _turn(c: openai.OpenAI, model: str, messages: list[Any], stream: bool) -> tuple[str | None, list[Call], str | None]:
+    """One turn offering get_weather: the reply's content, its tool calls and its finish_reason."""
+    tools: Any = TOOLS[:1]
+    if not stream:
+        choice = c.chat.completions.create(model=model, messages=messages, tools=tools).choices[0]
+        calls = [(t.id, t.function.name, t.function.arguments) for t in choice.message.tool_calls or []]  # type: ignore[union-attr]
+        return choice.message.content, calls, choice.finish_reason
+    content, finish, parts = "", None, dict[int, list[str]]()
+    for chunk in c.chat.completions.create(model=model, messages=messages, tools=tools, stream=True):
+        for delta_choice in chunk.choices:
+            content += delta_choice.delta.content or ""
+            for tc in delta_choice.delta.tool_calls or []:
+                part = parts.setdefault(tc.index, ["", "", ""])
+                for k, piece in enumerate(
+                    (tc.id, tc.function and tc.function.name, tc.function and tc.function.arguments)
+                ):
+                    part[k] += piece or ""
+            finish = delta_choice.finish_reason or finish
+    return content or None, [(a, b, c) for a, b, c in (parts[i] for i in sorted(parts))], finish
+
+
+@pytest.mark.parametrize(("model", "family"), [("agent", "qwen"), ("agent-llama3", "llama3")])
+def test_agent_loop_calls_a_tool_then_answers_with_its_result(serve: Any, model: str, family: str) -> None:
+    with serve() as srv:
+        c = client(srv)
+        for stream in (False, True):
+            messages: list[Any] = [*USER]
+            content, calls, finish = _turn(c, model, messages, stream)
+            assert finish == "tool_calls" and not content
+            ((call_id, name, arguments),) = calls
+            assert call_id.startswith("call_") and name == "get_weather"
+            assert json.loads(arguments) == {"city": "Paris", "unit": "C"}
+
+            # The client runs the tool and sends the whole conversation back, as an agent loop does.
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            messages.append({"role": "assistant", "content": content, "tool_calls": [call]})
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": '{"temp": 21, "sky": "sunny"}'})
+            content, calls, finish = _turn(c, model, messages, stream)
+            assert (content, calls, finish) == (AGENT_ANSWER, [], "stop")
+        listed = {m["id"]: m for m in httpx.get(srv.base_url + "/v1/models").json()["data"]}
+        assert listed[model]["family"] == family  # detected from the loaded model's chat template
 
 
 def test_reasoning_is_split_from_content(srv: Any) -> None:
