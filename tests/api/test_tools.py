@@ -92,6 +92,15 @@ def test_a_call_to_a_function_not_offered_stays_plain_content(srv: Any) -> None:
     assert plain.choices[0].message.content == CALL  # no tools offered: never parsed
 
 
+@pytest.mark.parametrize(("choice", "parsed"), [("auto", True), ("none", False)])
+def test_tool_choice_auto_parses_calls_and_none_leaves_text(srv: Any, choice: str, parsed: bool) -> None:
+    r = client(srv).chat.completions.create(model="caller", messages=USER, tools=TOOLS, tool_choice=choice)  # type: ignore[arg-type]
+    message = r.choices[0].message
+    assert bool(message.tool_calls) is parsed
+    assert r.choices[0].finish_reason == ("tool_calls" if parsed else "stop")
+    assert message.content == (None if parsed else CALL)
+
+
 Call = tuple[str, str, str]  # id, function name, arguments
 
 
