@@ -1,7 +1,9 @@
 """ModelEngine: one thread per resident model, the only code that calls MLX for it.
 
 The thread loads the model, owns the tokenizer, mlx-lm's `BatchGenerator` (continuous batching) and the prefix
-KV cache, and talks to the event loop only through an inbox queue and one event queue per request.
+KV cache, and talks to the event loop only through an inbox queue and one event queue per request. A request that
+runs alone is decoded on a faster single-stream path (`single_stream.py`) and moves into the batch when another
+arrives, and back out when it is alone again.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
+from mlx_lm.sample_utils import greedy_sampler
 
 from ..config.discovery import ModelSpec
 from .constrained import ConstraintCompiler
@@ -24,6 +27,7 @@ from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .parsing import StreamParser
 from .prompts import PromptBuilder
+from .single_stream import SoloStream
 from .types import Done, Event, Failed, GenerationRequest, Started, TextDelta
 
 
@@ -58,11 +62,11 @@ class RequestHandle:
         self._cancelled.set()
 
     def push(self, event: Event) -> None:
-        """Called on the engine thread only."""
-        self._loop.call_soon_threadsafe(self._append, event)
+        """Deliver one event from another thread (the engine batches a step's events through `_Outbox` instead)."""
+        self._loop.call_soon_threadsafe(self._receive, [event])
 
-    def _append(self, event: Event) -> None:
-        self._pending.append(event)
+    def _receive(self, events: list[Event]) -> None:
+        self._pending.extend(events)
         self._wakeup.set()
 
     async def next_event(self) -> Event:
@@ -90,11 +94,67 @@ class RequestHandle:
 _STOP = object()
 
 
+class _Outbox:
+    """Hands events to the event loop: each engine step's events at once, in one thread-safe call per step at
+    most (each costs a syscall and a GIL hand-over). While the loop has not yet taken the last step's events,
+    later steps' events join them instead of scheduling another call."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._step: list[tuple[RequestHandle, list[Event]]] = []
+        self._ready: deque[list[tuple[RequestHandle, list[Event]]]] = deque()  # shared with the loop
+        self._scheduled = False
+
+    def add(self, handle: RequestHandle, events: list[Event]) -> None:
+        self._step.append((handle, events))
+
+    def flush(self) -> None:  # the engine thread, at the end of each step
+        if not self._step:
+            return
+        self._ready.append(self._step)
+        self._step = []
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        # Reset before taking, so a step added from here on schedules its own call (flag and deque ops are
+        # atomic under the GIL).
+        self._scheduled = False
+        while self._ready:
+            for handle, events in self._ready.popleft():
+                handle._receive(events)
+
+
 @dataclass(slots=True)
 class _Active:
     handle: RequestHandle
     decoder: RequestDecoder
     deadline: float
+    max_tokens: int
+    uid: int | None = None  # BatchGenerator's id while batched
+    solo: SoloStream | None = None  # set while decoded alone
+
+
+@dataclass(slots=True)
+class _Worker:
+    """The engine thread's state: model, generators, prefix cache, the requests it decodes and their events."""
+
+    model: Any
+    tokenizer: Any
+    gen: Any
+    cache: Any
+    outbox: _Outbox
+    batch: dict[int, _Active] = field(default_factory=dict)  # by BatchGenerator uid
+    solo: _Active | None = None  # the request decoded alone, if any
+    can_leave_batch: bool = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batch) or self.solo is not None
+
+    def running(self) -> list[_Active]:
+        return [*self.batch.values(), *([self.solo] if self.solo else [])]
 
 
 class ModelEngine:
@@ -111,6 +171,9 @@ class ModelEngine:
         self.family: str | None = self._prompts.family
         self.peak_batch_size = 0
         self.prefix_cache_bytes = 0
+        # How often a request moved between decoding alone and the batch (diagnostics and tests).
+        self.moves_to_batch = 0
+        self.moves_to_solo = 0
 
     @property
     def in_flight(self) -> int:
@@ -166,43 +229,42 @@ class ModelEngine:
     def _serve(
         self, model: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], t0: float
     ) -> None:
-        from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import LRUPromptCache
 
         self._prompts = self._prompts.resolve_family(self.spec.config, tokenizer)
         self.family = self._prompts.family
         self._constraints = ConstraintCompiler(tokenizer)
-        gen = self._make_batch_generator(BatchGenerator, model, tokenizer)
-        self._warm_up(gen)
+        cache = LRUPromptCache(max_size=256, max_bytes=max(self.options.prefix_cache_bytes, 0))
+        w = _Worker(model, tokenizer, self._make_batch_generator(model, tokenizer), cache, _Outbox(loop))
+        self._warm_up(w)
         logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
         _resolve(loop, ready, None)
-        cache = LRUPromptCache(max_size=256, max_bytes=max(self.options.prefix_cache_bytes, 0))
-        active: dict[int, _Active] = {}
         while True:
-            for item in self._take_inbox(block=not active):
-                if item is _STOP:
-                    for a in active.values():
-                        a.handle.push(Failed(GenerationFailed("the model was unloaded")))
-                    return
-                self._admit(item, gen, cache, tokenizer, active)
-            self._reap(gen, active)
-            if not active:
-                continue
-            try:
-                _, responses = gen.next()
-            except Exception as exc:  # a failed step must not take the other models or the server down
-                logger.exception("generation step failed on {}", self.spec.id)
-                for uid in list(active):
-                    self._finish(uid, active, Failed(GenerationFailed(f"generation failed: {exc}")))
-                gen = self._make_batch_generator(BatchGenerator, model, tokenizer)
-                continue
-            self.peak_batch_size = max(self.peak_batch_size, len(responses))
-            for r in responses:
-                self._deliver(r, gen, cache, active)
-            self.prefix_cache_bytes = cache.nbytes
+            items = self._take_inbox(block=not w.busy)
+            if _STOP in items:
+                unloaded: list[Event] = [Failed(GenerationFailed("the model was unloaded"))]
+                for h in [*(a.handle for a in w.running()), *(i for i in items if i is not _STOP)]:
+                    w.outbox.add(h, unloaded)
+                w.outbox.flush()
+                return
+            if items and w.solo is not None:
+                self._solo_to_batch(w)
+            elif not items and w.solo is None and len(w.batch) == 1 and w.can_leave_batch:
+                self._batch_to_solo(w)
+            for handle in items:
+                self._admit(w, handle, alone=len(items) == 1 and not w.busy)
+            self._reap(w)
+            if w.solo is not None:
+                self._step_solo(w, w.solo)
+            elif w.batch:
+                self._step_batch(w)
+            w.outbox.flush()
+            self.prefix_cache_bytes = w.cache.nbytes
 
-    def _make_batch_generator(self, cls: Any, model: Any, tokenizer: Any) -> Any:
-        return cls(
+    def _make_batch_generator(self, model: Any, tokenizer: Any) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=self.options.max_batch_size,
@@ -210,11 +272,19 @@ class ModelEngine:
             prefill_step_size=self.options.prefill_step_size,
         )
 
-    def _warm_up(self, gen: Any) -> None:
-        if self.options.warmup_tokens <= 0:
+    def _warm_up(self, w: _Worker) -> None:
+        """Compile the kernels of both decode paths before the first request."""
+        n = self.options.warmup_tokens
+        if n <= 0:
             return
-        gen.insert([[0, 1]], max_tokens=[self.options.warmup_tokens])
-        while gen.next_generated():
+        solo = SoloStream(
+            w.gen, cache=None, tokens=[], rest=[0, 1], max_tokens=n, sampler=greedy_sampler, logits_processors=[],
+            stop_tokens=(),
+        )  # fmt: skip
+        while (step := solo.advance()) is None or step[2] is None:
+            pass
+        w.gen.insert([[0, 1]], max_tokens=[n])
+        while w.gen.next_generated():
             pass
 
     def _take_inbox(self, block: bool) -> list[Any]:
@@ -227,15 +297,16 @@ class ModelEngine:
             pass
         return items
 
-    def _admit(self, handle: RequestHandle, gen: Any, cache: Any, tokenizer: Any, active: dict[int, _Active]) -> None:
+    def _admit(self, w: _Worker, handle: RequestHandle, *, alone: bool) -> None:
+        """Start a request: alone on the fast path when nothing else runs, else in the batch."""
         if handle.cancelled:
             self._release()
             return
         request = handle.request
         try:
-            prompt, in_reasoning = self._prompts.encode(tokenizer, request)
+            prompt, in_reasoning = self._prompts.encode(w.tokenizer, request)
             max_tokens = self._check_context(len(prompt), request)
-            kv, rest = _nearest_cache(cache, self.spec.id, prompt)
+            kv, rest = _nearest_cache(w.cache, self.spec.id, prompt)
             parser = StreamParser(
                 self._prompts.family or "generic",
                 tools=request.tools,
@@ -245,28 +316,39 @@ class ModelEngine:
             )
             constraint = self._constraints.processor(request, self.family or "generic", in_reasoning=in_reasoning)
             decoder = RequestDecoder(
-                tokenizer, request.sampling, parser, prompt_tokens=len(prompt), constraint=constraint
+                w.tokenizer, request.sampling, parser, prompt_tokens=len(prompt), constraint=constraint
             )
-            (uid,) = gen.insert(
-                [rest],
-                max_tokens=[max_tokens],
-                caches=[kv] if kv is not None else None,
-                all_tokens=[prompt[: len(prompt) - len(rest)]],
-                samplers=[decoder.sampler],
-                logits_processors=[decoder.logits_processors],
-            )
+            a = _Active(handle, decoder, time.monotonic() + self.options.timeout, max_tokens)
+            prefix = prompt[: len(prompt) - len(rest)]
+            if alone:
+                a.solo = SoloStream(
+                    w.gen, cache=kv, tokens=prefix, rest=rest, max_tokens=max_tokens, sampler=decoder.sampler,
+                    logits_processors=decoder.logits_processors, stop_tokens=w.tokenizer.eos_token_ids,
+                )  # fmt: skip
+            else:
+                (a.uid,) = w.gen.insert(
+                    [rest],
+                    max_tokens=[max_tokens],
+                    caches=[kv] if kv is not None else None,
+                    all_tokens=[prefix],
+                    samplers=[decoder.sampler],
+                    logits_processors=[decoder.logits_processors],
+                )
         except RouterError as exc:
-            handle.push(Failed(exc))
+            w.outbox.add(handle, [Failed(exc)])
             self._release()
             return
         except Exception as exc:  # e.g. a tokenizer template failure: the request fails, the engine lives on
             logger.exception("could not start request {}", request.request_id)
-            handle.push(Failed(GenerationFailed(f"could not process the prompt: {exc}")))
+            w.outbox.add(handle, [Failed(GenerationFailed(f"could not process the prompt: {exc}"))])
             self._release()
             return
-        decoder.cached_tokens = len(prompt) - len(rest)
-        active[uid] = _Active(handle, decoder, time.monotonic() + self.options.timeout)
-        handle.push(Started(prompt_tokens=len(prompt), cached_tokens=decoder.cached_tokens))
+        if a.uid is not None:
+            w.batch[a.uid] = a
+        else:
+            w.solo = a
+        decoder.cached_tokens = len(prefix)
+        w.outbox.add(handle, [Started(prompt_tokens=len(prompt), cached_tokens=decoder.cached_tokens)])
 
     def _check_context(self, prompt_len: int, request: GenerationRequest) -> int:
         window = self.spec.context_window
@@ -287,36 +369,106 @@ class ModelEngine:
             )
         return min(max_tokens, room)
 
-    def _reap(self, gen: Any, active: dict[int, _Active]) -> None:
+    def _solo_to_batch(self, w: _Worker) -> None:
+        """A second request arrived: move the lone one into the batch, with its KV cache and position."""
+        a = w.solo
+        assert a is not None and a.solo is not None
+        try:
+            last = None
+            if a.solo.decoding:  # report the token already sampled; the batch starts from it as its prompt
+                step = a.solo.take_pending()
+                if self._deliver(w, a, *step):
+                    return
+                last = step[0]
+            a.uid = a.solo.to_batch(w.gen, last)
+        except Exception as exc:  # a failed move ends this request only
+            logger.exception("moving a request into the batch failed on {}", self.spec.id)
+            self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
+            return
+        w.solo, a.solo = None, None
+        w.batch[a.uid] = a
+        self.moves_to_batch += 1
+
+    def _batch_to_solo(self, w: _Worker) -> None:
+        """The batch is down to one request and nothing waits: decode it on the fast path from here on."""
+        ((uid, a),) = w.batch.items()
+        try:
+            solo = SoloStream.from_batch(
+                w.gen, uid, max_tokens=a.max_tokens, generated=a.decoder.completion_tokens,
+                sampler=a.decoder.sampler, logits_processors=a.decoder.logits_processors,
+                stop_tokens=w.tokenizer.eos_token_ids,
+            )  # fmt: skip
+        except Exception:  # it reads BatchGenerator internals: if they changed, stay batched from now on
+            logger.exception("cannot move a request out of the batch on {}; batching it instead", self.spec.id)
+            w.can_leave_batch = False
+            return
+        if solo is not None:
+            del w.batch[uid]
+            a.uid, a.solo, w.solo = None, solo, a
+            self.moves_to_solo += 1
+
+    def _reap(self, w: _Worker) -> None:
         now = time.monotonic()
-        for uid, a in list(active.items()):
+        for a in w.running():
             if a.handle.cancelled:
-                gen.remove([uid])
-                self._finish(uid, active, None)
+                self._end(w, a, None)
             elif now > a.deadline:
-                gen.remove([uid])
-                error = GenerationTimeout(f"generation exceeded the {self.options.timeout:g}s timeout")
-                self._finish(uid, active, Failed(error))
+                self._end(w, a, Failed(GenerationTimeout(f"generation exceeded the {self.options.timeout:g}s timeout")))
 
-    def _deliver(self, r: Any, gen: Any, cache: Any, active: dict[int, _Active]) -> None:
-        a = active.get(r.uid)
-        if a is None:
+    def _step_solo(self, w: _Worker, a: _Active) -> None:
+        assert a.solo is not None
+        try:
+            step = a.solo.advance()
+        except Exception as exc:  # a failed step must not take the engine down
+            logger.exception("generation step failed on {}", self.spec.id)
+            self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
             return
-        events, finish = a.decoder.step(r.token, r.logprobs, r.finish_reason)
-        for event in events:
-            a.handle.push(event)
+        self.peak_batch_size = max(self.peak_batch_size, 1)
+        if step is not None:
+            self._deliver(w, a, *step)
+
+    def _step_batch(self, w: _Worker) -> None:
+        try:
+            _, responses = w.gen.next()
+        except Exception as exc:  # a failed step must not take the other models or the server down
+            logger.exception("generation step failed on {}", self.spec.id)
+            for a in list(w.batch.values()):
+                self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
+            w.gen = self._make_batch_generator(w.model, w.tokenizer)
+            return
+        self.peak_batch_size = max(self.peak_batch_size, len(responses))
+        for r in responses:
+            if (b := w.batch.get(r.uid)) is not None:
+                kv = (r.all_tokens, r.prompt_cache) if r.prompt_cache is not None else None
+                self._deliver(w, b, r.token, r.logprobs, r.finish_reason, kv)
+
+    def _deliver(
+        self, w: _Worker, a: _Active, token: int, logprobs: Any, model_finish: str | None, kv: Any = None
+    ) -> bool:
+        """Turn one token into events; True when the request ended. `kv`: a finished batch row's (tokens, cache)."""
+        events, finish = a.decoder.step(token, logprobs, model_finish)
+        if events:
+            w.outbox.add(a.handle, events)
         if finish is None:
-            return
-        if r.finish_reason is None:  # a stop string ended it before the model did
-            gen.remove([r.uid])
-        elif r.prompt_cache is not None:
-            cache.insert_cache(self.spec.id, list(r.all_tokens), r.prompt_cache)
-        self._finish(r.uid, active, Done(finish, a.decoder.usage()))
+            return False
+        if model_finish is not None:  # the model ended it (not a stop string): keep its KV for later prompts
+            if a.solo is not None:
+                kv = a.solo.saved()
+            if kv is not None:
+                w.cache.insert_cache(self.spec.id, list(kv[0]), kv[1])
+        # A stop string ends the request before the model does, so BatchGenerator still holds it.
+        self._end(w, a, Done(finish, a.decoder.usage()), in_generator=model_finish is None)
+        return True
 
-    def _finish(self, uid: int, active: dict[int, _Active], event: Event | None) -> None:
-        a = active.pop(uid)
+    def _end(self, w: _Worker, a: _Active, event: Event | None, *, in_generator: bool = True) -> None:
+        if a.uid is not None:
+            if in_generator:
+                w.gen.remove([a.uid])
+            del w.batch[a.uid]
+        elif w.solo is a:
+            w.solo = None
         if event is not None:
-            a.handle.push(event)
+            w.outbox.add(a.handle, [event])
         self._release()
 
     def _release(self) -> None:

@@ -64,6 +64,8 @@ def _scan(buf: str, markers: Sequence[str], final: bool) -> tuple[int, str | Non
     before it could still complete, so the result never depends on how the text was chunked.
     """
     pos, found = len(buf), None
+    if not any(m and m[0] in buf for m in markers):  # the common case per token: no marker can start here
+        return pos, found
     for marker in markers:
         at = buf.find(marker)
         if at != -1 and (at < pos or (at == pos and found is not None and len(marker) > len(found))):

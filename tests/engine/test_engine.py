@@ -1,15 +1,28 @@
-"""The real ModelEngine on tiny CPU models: cancellation mid-batch, prefix-cache budget, batching."""
+"""The real ModelEngine on tiny CPU models: cancellation mid-batch, prefix-cache budget, batching, and the
+single-stream fast path with its moves into and out of the batch."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from conftest import REPLIES
+import pytest
+from conftest import REPLIES, never_eos
 
 from mlx_router.config.discovery import read_model_spec
 from mlx_router.core.engine import EngineOptions, ModelEngine, RequestHandle
-from mlx_router.core.types import Done, Failed, GenerationRequest, Message, SamplingParams, Started, TextDelta
+from mlx_router.core.types import (
+    Done,
+    Event,
+    Failed,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    Started,
+    TextDelta,
+)
 
 
 def request(text: str, max_tokens: int = 40, model: str = "m") -> GenerationRequest:
@@ -91,5 +104,157 @@ def test_context_too_long_fails_the_request_not_the_engine(model_dir: Path) -> N
         await engine.stop()
         assert isinstance(failed, Failed) and failed.error.code == "context_length_exceeded"  # type: ignore[attr-defined]
         assert text == REPLIES["alpha"] and isinstance(done, Done)
+
+    asyncio.run(run())
+
+
+# ---- the single-stream fast path and moves between it and the batch ----
+
+
+def sampled(model_dir: Path, text: str, max_tokens: int, *, bias: bool = False, **kw: Any) -> GenerationRequest:
+    """A random-model request; `bias` keeps it off EOS so it runs its whole budget."""
+    logit_bias = tuple((int(t), b) for t, b in never_eos(model_dir).items()) if bias else ()
+    sampling = SamplingParams(max_tokens=max_tokens, logit_bias=logit_bias, **kw)
+    return GenerationRequest("r", "random", (Message("user", text),), sampling)
+
+
+async def until_text(handle: RequestHandle) -> list[Event]:
+    """Events up to the first text, i.e. until the request is decoding."""
+    events = [await handle.next_event()]
+    while not isinstance(events[-1], TextDelta):
+        events.append(await handle.next_event())
+    return events
+
+
+async def rest(handle: RequestHandle, events: list[Event] | None = None) -> list[Event]:
+    events = list(events or [])
+    async for event in handle.events():
+        events.append(event)
+    return events
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+async def alone_batched_migrated(engine: ModelEngine, make: Callable[[], GenerationRequest]) -> list[list[Event]]:
+    """The same request run alone, two at once, and first alone then joined by a second one mid-decode."""
+    runs = [await rest(engine.submit(make()))]
+    assert engine.moves_to_batch == 0  # nothing else ran, so it stayed on the fast path
+    pair = [engine.submit(make()) for _ in range(2)]
+    runs += [await rest(h) for h in pair]
+    first = engine.submit(make())
+    seen = await until_text(first)
+    second = engine.submit(make())
+    runs += [await rest(first, seen), await rest(second)]
+    assert engine.moves_to_batch >= 1  # the first left the fast path when the second arrived
+    assert engine.moves_to_solo >= 1  # and whichever was left alone went back to it
+    assert engine.in_flight == 0
+    return runs
+
+
+def test_greedy_tokens_are_the_same_alone_batched_and_moved_mid_decode(model_dir: Path) -> None:
+    async def run() -> list[list[Event]]:
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(max_batch_size=8))
+        await engine.start()
+        # A penalty reads the token history, so the history must also survive the moves.
+        make = lambda: sampled(model_dir, "hello there", 120, bias=True, frequency_penalty=0.5)  # noqa: E731
+        runs = await alone_batched_migrated(engine, make)
+        await engine.stop()
+        return runs
+
+    runs = asyncio.run(run())
+    for events in runs:
+        done = events[-1]
+        assert isinstance(done, Done) and done.finish_reason == "length" and done.usage.completion_tokens == 120
+        assert text_of(events) == text_of(runs[0])  # no token lost or repeated by a move
+
+
+def test_logprobs_are_the_same_alone_batched_and_moved(model_dir: Path) -> None:
+    async def run() -> list[list[Event]]:
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(max_batch_size=8))
+        await engine.start()
+        make = lambda: sampled(model_dir, "hello there", 60, logprobs=True, top_logprobs=3)  # noqa: E731
+        runs = await alone_batched_migrated(engine, make)
+        await engine.stop()
+        return runs
+
+    runs = asyncio.run(run())
+    first = [lp for e in runs[0] if isinstance(e, TextDelta) for lp in e.logprobs]
+    assert len(first) > 1 and all(len(lp.top) == 3 for lp in first)
+    for events in runs[1:]:
+        logprobs = [lp for e in events if isinstance(e, TextDelta) for lp in e.logprobs]
+        assert [lp.token for lp in logprobs] == [lp.token for lp in first]
+        assert [[t.token for t in lp.top] for lp in logprobs] == [[t.token for t in lp.top] for lp in first]
+        assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in first], abs=1e-4)
+
+
+def test_a_request_moved_during_its_prefill_finishes_intact(model_dir: Path) -> None:
+    long = "tell me more about this topic please " * 40  # many prefill chunks of 4 tokens
+
+    async def run() -> list[list[Event]]:
+        options = EngineOptions(max_batch_size=4, prefill_step_size=4)
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), options)
+        await engine.start()
+        first = engine.submit(request(f"one {long}"))
+        started = await first.next_event()  # admitted, still prefilling
+        second = engine.submit(request(f"two {long}"))
+        runs = [await rest(first, [started]), await rest(second)]
+        assert engine.moves_to_batch == 1
+        await engine.stop()
+        return runs
+
+    for events in asyncio.run(run()):
+        assert isinstance(events[-1], Done) and text_of(events) == REPLIES["alpha"]
+
+
+def test_stop_strings_end_the_fast_path_like_the_batch(model_dir: Path) -> None:
+    def make() -> GenerationRequest:
+        return GenerationRequest("r", "m", (Message("user", "hi"),), SamplingParams(max_tokens=40, stop=("fox",)))
+
+    async def run() -> list[list[Event]]:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
+        await engine.start()
+        runs = [await rest(engine.submit(make()))]
+        pair = [engine.submit(make()) for _ in range(2)]
+        runs += [await rest(h) for h in pair]
+        assert engine.in_flight == 0
+        await engine.stop()
+        return runs
+
+    for events in asyncio.run(run()):
+        done = events[-1]
+        assert isinstance(done, Done) and done.finish_reason == "stop"
+        assert text_of(events) == REPLIES["alpha"].split("fox")[0]
+
+
+def test_cancelling_a_lone_request_frees_the_engine(model_dir: Path) -> None:
+    async def run() -> None:
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions())
+        await engine.start()
+        handle = engine.submit(sampled(model_dir, "hello there", 1500, bias=True))
+        await until_text(handle)
+        handle.cancel()
+        for _ in range(500):  # the engine drops it at its next step
+            if engine.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.in_flight == 0 and engine.moves_to_batch == 0
+        _, done = await collect(engine.submit(request("hello there", 5)))
+        await engine.stop()
+        assert isinstance(done, Done) and done.usage.completion_tokens <= 5
+
+    asyncio.run(run())
+
+
+def test_a_lone_request_times_out(model_dir: Path) -> None:
+    async def run() -> None:
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(timeout=0.2))
+        await engine.start()
+        events = await rest(engine.submit(sampled(model_dir, "hello there", 1900, bias=True)))
+        await engine.stop()
+        failed = events[-1]
+        assert isinstance(failed, Failed) and failed.error.code == "timeout"  # type: ignore[attr-defined]
+        assert engine.in_flight == 0 and engine.moves_to_batch == 0
 
     asyncio.run(run())
