@@ -266,16 +266,20 @@ def _run(
         (out / f"{name}.md").write_text(md)
         return md
 
+    now = lambda: dt.datetime.now().isoformat(timespec="seconds")  # noqa: E731
     if "raw" in parts:
-        res["raw"] = run_raw(plan, wl, model_dir, work, log)
+        start = now()
+        res["raw"] = {**run_raw(plan, wl, model_dir, work, log), "ran": [start, now()]}
         save()
     for key in (p for p in PARTS[1:] if p in parts):
+        start = now()
         why = check_peer(args.peer_site) if key == "mlx_router_231" else None
         res["servers"][key] = (
             {"status": "skipped", "reason": why}
             if why
             else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site)
         )
+        res["servers"][key]["ran"] = [start, now()]
         save()
     md = save()
     print(f"\nwrote {out / (name + '.md')} and {json_path}\n", flush=True)

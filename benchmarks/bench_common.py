@@ -75,7 +75,7 @@ def _levels(spec: dict[int, Sequence[int]], single: int) -> tuple[Level, ...]:
 
 
 def make_plan(size: str, tiny: bool) -> Plan:
-    """`cpu`: a small float32 model, 2048-token prompts up to 32 streams (CPU prefill is ~1k tokens/s on 2 cores).
+    """`cpu`: a small float32 model, 2048-token prompts up to 32 streams (CPU prefill is ~2k tokens/s on 2 cores).
     `gpu`: Llama-3.1-8B's shape, every level to 128 streams, but a serial server (mlx-router 2.3.1) stops at 32, where
     128 streams would take it minutes of queueing. `tiny`: the same code path in a minute or two."""
     gpu = size == "gpu"
