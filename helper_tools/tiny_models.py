@@ -22,7 +22,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -195,13 +195,15 @@ def _new_tokenizer() -> Tokenizer:
 
 
 def _padded_tokenizer(vocab_size: int) -> Tokenizer:
-    """The base tokenizer with BPE vocabulary entries ``<unusedN>`` up to ``vocab_size`` ids (no merge yields them)."""
+    """The base tokenizer padded to ``vocab_size`` ids with BPE entries ``Ġw<id>`` (no merge yields them).
+
+    Each decodes to a plain word (" w1234"), so a random model's text looks like prose to a server's parsers."""
     data = json.loads(_base_tokenizer_json())
     vocab: dict[str, int] = data["model"]["vocab"]
     size = max(vocab.values()) + 1
     if vocab_size < size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {size} tokens")
-    vocab.update({f"<unused{i}>": i for i in range(size, vocab_size)})
+    vocab.update({f"Ġw{i}": i for i in range(size, vocab_size)})
     return Tokenizer.from_str(json.dumps(data))
 
 
@@ -304,13 +306,16 @@ def build_random_model(
     dtype: str = "float32",
     chat_template: str = CHATML_TEMPLATE,
     vocab_size: int | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a randomly initialised Llama model folder loadable by ``mlx_lm.load``.
 
     Weights come from ``mlx_lm.models.llama.Model`` after ``mx.random.seed(seed)``,
     so the same arguments give the same files. ``dtype`` is an ``mx`` dtype name.
-    ``vocab_size`` (default: the tokenizer's ~640) pads the tokenizer with tokens
-    ``<unusedN>`` that encoding never produces, so the model has a real-sized vocabulary.
+    ``vocab_size`` (default: the tokenizer's ~640) pads the tokenizer with word tokens
+    that encoding never produces, so the model has a real-sized vocabulary.
+    ``config_overrides`` are extra ``config.json`` fields applied before the model is
+    built (``rope_theta``, ``rope_scaling``, ``tie_word_embeddings``: a real model's shape).
     Returns ``Path(path)``.
     """
     path = Path(path)
@@ -324,6 +329,7 @@ def build_random_model(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
     )
+    config.update(config_overrides or {})
     model = _new_model(config, tok.get_vocab_size(with_added_tokens=True), seed)
     return _write_folder(path, tok, model, config, chat_template, dtype)
 

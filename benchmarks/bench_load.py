@@ -1,0 +1,253 @@
+"""The load and one server's whole run: the `openai` SDK (AsyncOpenAI, streaming with `include_usage`, no retries)
+in a closed loop of `concurrency` workers; then the shared-prefix, single-stream and swap probes.
+
+Every step is time-bounded; a level that hits its limit restarts the server and skips the higher concurrencies of that
+prompt length. Failures become the result's `status`/`reason` or a level's errors, never exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from bench_common import Plan, ReqResult, median, summarize
+from bench_servers import MAIN, ServerProcess, ServerSpec, free_port, make_spec
+from openai import AsyncOpenAI
+
+Messages = list[dict[str, str]]
+
+
+async def one_request(client: AsyncOpenAI, model: str, messages: Messages, max_tokens: int, temp: float) -> ReqResult:
+    """One streamed chat completion, the same body for every server; chunk arrival times and usage recorded."""
+    r = ReqResult(time.perf_counter())
+    text: list[str] = []
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=cast(Any, messages),
+            max_tokens=max_tokens,
+            temperature=temp,
+            top_p=1.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage is not None:
+                r.completion_tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices or []:
+                if choice.delta is not None and choice.delta.content:
+                    r.chunk_times.append(now)
+                    text.append(choice.delta.content)
+        r.t_end = time.perf_counter()
+    except Exception as exc:  # a failing server is reported, never fatal
+        r.error = f"{type(exc).__name__}: {str(exc)[:160]}"
+    if "".join(text).lstrip().startswith("ERROR:"):  # mlx-router 2.3.1 reports failures as content
+        r.error = "".join(text).strip()[:160]
+    return r
+
+
+async def closed_loop(
+    client: AsyncOpenAI,
+    model: str,
+    prompts: list[Messages],
+    concurrency: int,
+    max_tokens: int,
+    temp: float,
+    timeout_s: float,
+) -> tuple[list[ReqResult], float, bool]:
+    """(finished requests, wall seconds, timed out). Requests still running at the limit are cancelled."""
+    results: list[ReqResult] = []
+    todo = list(prompts)
+
+    async def worker() -> None:
+        while todo:
+            results.append(await one_request(client, model, todo.pop(0), max_tokens, temp))
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(prompts)))]
+    _, running = await asyncio.wait(tasks, timeout=timeout_s)
+    for t in running:
+        t.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    return results, time.perf_counter() - t0, bool(running)
+
+
+async def sequential(
+    client: AsyncOpenAI, calls: list[tuple[str, Messages]], max_tokens: int, temp: float, timeout_s: float
+) -> list[ReqResult]:
+    """One request after another (probes); stops at the first failure or at the time limit."""
+    out: list[ReqResult] = []
+    deadline = time.monotonic() + timeout_s
+    for model, messages in calls:
+        try:
+            left = max(0.001, deadline - time.monotonic())
+            r = await asyncio.wait_for(one_request(client, model, messages, max_tokens, temp), left)
+        except TimeoutError:
+            r = ReqResult(time.perf_counter(), error=f"time limit ({timeout_s:.0f}s)")
+        out.append(r)
+        if not r.ok:
+            break
+    return out
+
+
+def _errors(rs: list[ReqResult]) -> list[str]:
+    return sorted({r.error for r in rs if r.error})
+
+
+class Suite:
+    """One server through the plan: warm-up, load levels, prefix probe, single-stream model, swap probe. One client
+    serves them all, so connection set-up and the SDK's first-use costs fall in the warm-up."""
+
+    def __init__(self, spec: ServerSpec, proc: ServerProcess, wl: dict[str, Any], plan: Plan) -> None:
+        self.spec, self.proc, self.wl, self.plan = spec, proc, wl, plan
+        self.main = spec.names[MAIN]
+        self.notes: list[str] = []
+        self.client = self._new_client()
+
+    def _new_client(self) -> AsyncOpenAI:
+        # No retries: every failed request counts (the SDK's default is 2, with back-off).
+        timeout = max(self.plan.level_timeout_s, self.plan.startup_timeout_s)
+        return AsyncOpenAI(base_url=self.proc.base_url + "/v1", api_key="bench", timeout=timeout, max_retries=0)
+
+    async def run(self, result: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            why = self.proc.wait_ready(self.plan.startup_timeout_s) or await self.warm_up()
+            result["ready_s"] = time.perf_counter() - t0
+            if why:
+                result.update(status="failed", reason=why)
+                return
+            result["levels"] = await self.levels()
+            result.update(await self.probes())
+        finally:
+            await self.client.close()
+
+    async def warm_up(self) -> str | None:
+        """Load the model with a long prompt, then short bursts (GPU: at each concurrency); None when all succeeded."""
+        plan, wl = self.plan, self.wl
+        first = await sequential(
+            self.client, [(self.main, wl["warm_long"][0])], 8, plan.temperature, plan.startup_timeout_s
+        )
+        if not first[0].ok:
+            return f"warm-up request failed: {first[0].error}"
+        for c in self._warm_concurrencies():
+            burst = [m for m, _ in wl["warm_short"][:c]]
+            rs, _, timed_out = await closed_loop(
+                self.client, self.main, burst, c, 8, plan.temperature, plan.startup_timeout_s
+            )
+            if timed_out or len(rs) < c or _errors(rs):
+                return f"warm-up burst of {c} failed: {_errors(rs) or 'time limit'}"
+        return None
+
+    def _warm_concurrencies(self) -> list[int]:
+        cs = [c for c in self.plan.concurrencies if c > 1] if self.plan.warm_every_concurrency else [8]
+        return [c for c in cs if not self.spec.serial or c <= self.plan.serial_max_concurrency]
+
+    async def levels(self) -> list[dict[str, Any]]:
+        plan, out = self.plan, []
+        stopped: set[int] = set()  # prompt lengths whose higher concurrencies are skipped
+        for lv, prompts in zip(plan.levels, self.wl["levels"], strict=True):
+            if lv.prompt_tokens in stopped:
+                continue
+            if self.spec.serial and lv.concurrency > plan.serial_max_concurrency:
+                self.notes.append(
+                    f"{lv.prompt_tokens}x{lv.concurrency} not run: one request at a time, the plan "
+                    f"stops such servers at concurrency {plan.serial_max_concurrency}"
+                )
+                continue
+            rs, wall, timed_out = await closed_loop(
+                self.client,
+                self.main,
+                [m for m, _ in prompts],
+                lv.concurrency,
+                plan.output_tokens,
+                plan.temperature,
+                plan.level_timeout_s,
+            )
+            s = {
+                "prompt_tokens": lv.prompt_tokens,
+                "concurrency": lv.concurrency,
+                "timed_out": timed_out,
+                **summarize(rs, wall, lv.requests, plan.output_tokens),
+            }
+            out.append(s)
+            print(
+                f"  {self.spec.key} {lv.prompt_tokens}x{lv.concurrency}: {s['ok']}/{lv.requests} ok, TTFT p50 "
+                f"{s['ttft_p50_s'] or 0:.3f}s, {s['aggregate_tok_s'] or 0:.1f} tok/s, {wall:.1f}s",
+                flush=True,
+            )
+            if timed_out or not self.proc.alive():
+                stopped.add(lv.prompt_tokens)
+                why = "its time limit" if timed_out else "the server exited"
+                self.notes.append(
+                    f"{lv.prompt_tokens}-token levels stopped at concurrency {lv.concurrency} ({why}, "
+                    f"{plan.level_timeout_s:.0f}s); the server was restarted"
+                )
+                await self.client.close()  # its connections went with the old process
+                self.client = self._new_client()
+                failed = self.proc.restart(plan.startup_timeout_s) or await self.warm_up()
+                if failed:
+                    self.notes.append(f"restart failed: {failed}")
+                    break
+        return out
+
+    async def probes(self) -> dict[str, Any]:
+        plan, wl, t, client = self.plan, self.wl, self.plan.temperature, self.client
+        res: dict[str, Any] = {}
+        rs = await sequential(
+            client, [(self.main, m) for m, _ in wl["prefix"]], plan.probe_tokens, t, plan.level_timeout_s
+        )
+        warm = [x for r in rs[1:] if (x := r.ttft) is not None]
+        res["prefix"] = {
+            "cold_ttft_s": rs[0].ttft,
+            "warm_ttft_s": median(warm),
+            "warm_runs": warm,
+            "errors": _errors(rs),
+        }
+        swap_a = wl["single_name"] or MAIN
+        if wl["single_name"]:  # one unmeasured request loads it (a swap), then single streams
+            name = self.spec.names[swap_a]
+            calls = [(name, m) for m, _ in [wl["warm_short"][0], *wl["single"]]]
+            rs = await sequential(client, calls, plan.output_tokens, t, plan.level_timeout_s)
+            wall = sum(r.t_end - r.t_send for r in rs[1:] if r.t_end)
+            res["single"] = summarize(rs[1:], wall, len(calls) - 1, plan.output_tokens)
+        # Swap: two requests with A resident, then B, A, B...: each of those loads its model first.
+        a, b = self.spec.names[swap_a], self.spec.names[swap_a + "-b"]
+        models = [a, a] + [b if i % 2 == 0 else a for i in range(plan.swap_rounds)]
+        calls = list(zip(models, [m for m, _ in wl["swap"]], strict=False))
+        rs = await sequential(client, calls, plan.probe_tokens, t, plan.startup_timeout_s * plan.swap_rounds)
+        ttft = [r.ttft if r.ok else None for r in rs]
+        swaps = [x for x in ttft[2:] if x is not None]
+        res["swap"] = {
+            "resident_ttft_s": median([x for x in ttft[:2] if x is not None]),
+            "swap_ttft_s": median(swaps),
+            "swap_runs": swaps,
+            "errors": _errors(rs),
+        }
+        return res
+
+
+def bench_server(
+    key: str, model_dir: Path, work: Path, wl: dict[str, Any], plan: Plan, logs: Path, peer_site: Path
+) -> dict[str, Any]:
+    """Start one server, run the suite on it, stop it; the result is a row of the report, whatever happens."""
+    port = free_port()
+    spec = make_spec(key, model_dir, work, port, plan.level_timeout_s * 2, plan.temperature, peer_site)
+    result: dict[str, Any] = {"label": spec.label, "status": "ok", "flags": spec.flags, "command": " ".join(spec.argv)}
+    proc = ServerProcess(spec, port, logs / f"server-{key}.log")
+    print(f"{spec.label}: starting on port {port} ...", flush=True)
+    proc.start()
+    suite = Suite(spec, proc, wl, plan)
+    try:
+        asyncio.run(suite.run(result))
+    except Exception as exc:  # a broken peer is a row in the table, not the end of the run
+        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        proc.stop()
+    log = proc.log.read_text(errors="replace")
+    suite.notes += [f"its log says {a!r}: figures credited max_tokens are too high" for a in spec.alarms if a in log]
+    result["notes"] = suite.notes
+    return result

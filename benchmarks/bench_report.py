@@ -1,0 +1,291 @@
+"""Markdown for one benchmark result (the JSON that bench.py writes): a summary with every ratio first, then the
+detail per prompt length, the prefix and swap probes, and notes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench_servers import LABELS
+
+SELF, PEERS = "mlx_router", ("mlx_lm", "mlx_router_231")
+Row = dict[str, Any] | None
+
+
+def fs(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fr(rate: float | None) -> str:
+    return "–" if rate is None else f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}"
+
+
+def better(ours: float | None, other: float | None, higher_is_better: bool) -> str:
+    """This repo against another figure, > 1 when this repo is better (more tokens/s, less time)."""
+    if ours is None or other is None or not ours or not other:
+        return "–"
+    return f"{(ours / other if higher_is_better else other / ours):.2f}×"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _find(rows: list[dict[str, Any]], length: int, conc: int | None = None) -> Row:
+    return next((r for r in rows if r["prompt_tokens"] == length and conc in (None, r.get("concurrency"))), None)
+
+
+def _burst(lv: Row) -> bool:
+    """More content chunks than tokens: the server re-sends text it had already generated (mlx-router 2.3.1 runs
+    `mlx_lm.generate` for the whole answer, then streams it a character at a time). Its TTFT is then the whole
+    generation, and its time per token is no decode step: ITL and decode rate are shown as `burst`."""
+    return bool(lv and (lv.get("chunks_per_token") or 0) > 1.5)
+
+
+def _get(row: Row, key: str) -> float | None:
+    """A figure of a level; ITL and decode rate are meaningless for a burst."""
+    if row is None or (key in ("itl_p50_s", "decode_tok_s_p50") and _burst(row)):
+        return None
+    return row.get(key)
+
+
+def _value(part: dict[str, Any], is_raw: bool, spec: tuple[Any, ...]) -> tuple[float | None, str]:
+    """One summary figure of the raw ceiling or of a server (`spec` names it, see _summary), and a remark when not
+    every request of its level succeeded."""
+    kind, row = spec[0], None
+    if kind == "level":  # raw at concurrency 1: stream_generate
+        _, n, c, key = spec
+        single_raw = is_raw and c == 1
+        row = _find(part.get("stream" if single_raw else "levels", []), n, None if single_raw else c)
+    elif kind == "single":
+        row, key = part.get("single"), "decode_tok_s_p50"
+    partial = f" ({row['ok']}/{row['requested']} ok)" if row and row["ok"] < row["requested"] else ""
+    if kind in ("level", "single"):
+        return _get(row, key), partial
+    prefix = part.get("prefix") or {}
+    if kind == "prefix_warm":
+        return prefix.get("warm_ttft_s"), ""
+    if kind == "prefix_gain":
+        cold, warm = prefix.get("cold_ttft_s"), prefix.get("warm_ttft_s")
+        return (cold / warm if cold and warm else None), ""
+    return (part.get("swap_ceiling_s") if is_raw else (part.get("swap") or {}).get("swap_ttft_s")), ""
+
+
+def _summary(res: dict[str, Any]) -> list[str]:
+    raw, servers = res.get("raw", {}), res["servers"]
+    levels = res["meta"]["plan"]["levels"]
+    specs: list[tuple[str, tuple[Any, ...], bool, Any]] = []  # label, figure, higher is better, format
+    for n in sorted({lv["prompt_tokens"] for lv in levels}):
+        specs.append(
+            (
+                f"{n}-token prompts, c=1: decode tok/s (raw: stream_generate)",
+                ("level", n, 1, "decode_tok_s_p50"),
+                True,
+                fr,
+            )
+        )
+        specs.append((f"{n}-token prompts, c=1: TTFT (raw: stream_generate)", ("level", n, 1, "ttft_p50_s"), False, fs))
+        for c in sorted(lv["concurrency"] for lv in levels if lv["prompt_tokens"] == n and lv["concurrency"] > 1):
+            specs.append((f"{n}-token prompts, c={c}: aggregate tok/s", ("level", n, c, "aggregate_tok_s"), True, fr))
+            specs.append((f"{n}-token prompts, c={c}: TTFT p50", ("level", n, c, "ttft_p50_s"), False, fs))
+    if res["meta"]["model"].get("single"):
+        specs.append(("4-bit model, 128-token prompts, c=1: decode tok/s", ("single",), True, fr))
+    ptoks = res["meta"]["plan"]["prefix_tokens"]
+    specs.append((f"~{ptoks}-token shared prefix, new question: warm TTFT", ("prefix_warm",), False, fs))
+    specs.append(("prefix: cold / warm TTFT", ("prefix_gain",), True, lambda x: "–" if x is None else f"{x:.1f}×"))
+    specs.append(("swap: TTFT when the model must be loaded first (raw: load + first TTFT)", ("swap",), False, fs))
+    peers = [p for p in PEERS if p in servers]
+    head = ["figure", "raw mlx-lm", LABELS[SELF], "vs raw"] + [x for p in peers for x in (LABELS[p], f"vs {LABELS[p]}")]
+    rows = []
+    for label, spec, higher, fmt in specs:
+        ours, ours_note = _value(servers.get(SELF, {}), False, spec)
+        raw_v, raw_note = _value(raw, True, spec)
+        row = [label, fmt(raw_v) + raw_note, fmt(ours) + ours_note, better(ours, raw_v, higher)]
+        for p in peers:
+            theirs, note = _value(servers[p], False, spec)
+            row += [fmt(theirs) + note, better(ours, theirs, higher)]
+        rows.append(row)
+    lead = (
+        "Ratios: this repo against the figure on their left; > 1 means this repo is better (more tokens/s, less time)."
+    )
+    return [lead, "", *_table(head, rows)]
+
+
+def _detail(res: dict[str, Any]) -> list[str]:
+    raw, servers = res.get("raw", {}), res["servers"]
+    out: list[str] = []
+    for n in sorted({lv["prompt_tokens"] for s in [raw, *servers.values()] for lv in s.get("levels", [])}):
+        rows = []
+        concs = sorted(
+            {
+                lv["concurrency"]
+                for s in [raw, *servers.values()]
+                for lv in s.get("levels", [])
+                if lv["prompt_tokens"] == n
+            }
+        )
+        for c in concs:
+            rl = _find(raw.get("levels", []), n, c)
+            named = [
+                ("raw stream_generate", _find(raw.get("stream", []), n) if c == 1 else None),
+                ("raw BatchGenerator", rl),
+            ]
+            named += [(LABELS[k], _find(s.get("levels", []), n, c)) for k, s in servers.items()]
+            for label, lv in named:
+                if lv is None:
+                    continue
+                ok = f"{lv['ok']}/{lv['requested']}" + (" (time limit)" if lv.get("timed_out") else "")
+                itl = "burst" if _burst(lv) else fs(lv["itl_p50_s"])
+                tokens = ("≤" if lv.get("tokens_assumed") else "") + fr(lv["aggregate_tok_s"])
+                rows.append(
+                    [
+                        label,
+                        str(c),
+                        ok,
+                        fs(lv["ttft_p50_s"]),
+                        fs(lv["ttft_p95_s"]),
+                        itl,
+                        fr(_get(lv, "decode_tok_s_p50")),
+                        tokens,
+                        better(lv["aggregate_tok_s"], _get(rl, "aggregate_tok_s"), True),
+                    ]
+                )
+        out += [f"#### {n}-token prompts", ""]
+        out += _table(
+            [
+                "server",
+                "conc",
+                "ok/N",
+                "TTFT p50",
+                "TTFT p95",
+                "ITL p50",
+                "decode tok/s p50",
+                "aggregate tok/s",
+                "aggregate / raw BatchGenerator",
+            ],
+            rows,
+        )
+        out.append("")
+    return out
+
+
+def _probes(res: dict[str, Any]) -> list[str]:
+    raw, servers = res.get("raw", {}), res["servers"]
+    rp = raw.get("prefix")
+    rows = [["raw (KV cache kept in-process)", fs(rp["cold_ttft_s"]), fs(rp["warm_ttft_s"])]] if rp else []
+    rows += [
+        [LABELS[k], fs(s["prefix"].get("cold_ttft_s")), fs(s["prefix"].get("warm_ttft_s"))]
+        for k, s in servers.items()
+        if s.get("prefix")
+    ]
+    out = ["#### Shared prefix, new final question (TTFT)", "", *_table(["", "cold", "warm (p50)"], rows), ""]
+    rows = (
+        [["raw: `mlx_lm.load` + first TTFT", "–", fs(raw.get("swap_ceiling_s"))]] if raw.get("swap_ceiling_s") else []
+    )
+    rows += [
+        [LABELS[k], fs(s["swap"].get("resident_ttft_s")), fs(s["swap"].get("swap_ttft_s"))]
+        for k, s in servers.items()
+        if s.get("swap")
+    ]
+    if raw.get("swap_load_s") is not None:
+        rows.append(["(raw: of which `mlx_lm.load`)", "–", fs(raw["swap_load_s"])])
+    return [
+        *out,
+        "#### Model swap (two copies of one model, one resident at a time)",
+        "",
+        *_table(["", "TTFT, model resident", "TTFT after a swap (p50)"], rows),
+    ]
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
+    hw, plan = meta["hardware"], meta["plan"]
+    gpu = f"GPU: {hw['gpu']}" if hw.get("gpu") else "no GPU"
+
+    def model(m: dict[str, Any]) -> str:
+        q = f", {m['quantization']['bits']}-bit (group {m['quantization']['group_size']})" if m["quantization"] else ""
+        return (
+            f"random-weight Llama, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+            f"{m['num_attention_heads']} heads ({m['num_key_value_heads']} kv), intermediate "
+            f"{m['intermediate_size']}, vocab {m['vocab_size']}, {m['dtype']}{q}, {m['weight_gb']} GB"
+        )
+
+    lines = [
+        f"- Hardware: {hw['cpu']} ({hw['cores']} cores), {hw['ram_gb']} GiB RAM; {gpu}; mlx {hw.get('mlx')}, "
+        f"mlx-lm {hw.get('mlx_lm')}, MLX device {hw.get('device')}; Python {hw['python']}",
+        f"- Model: {model(meta['model']['main'])}",
+    ]
+    if meta["model"].get("single"):
+        lines.append(f"- Single-stream and swap model: {model(meta['model']['single'])}")
+    return [
+        *lines,
+        f"- Command: `{meta['command']}` ({meta['date']})"
+        + "".join(f"; merged with `{c}`" for c in meta.get("merged", [])),
+        f"- Load: {plan['output_tokens']} output tokens per request (max_tokens), temperature "
+        f"{plan['temperature']:g}, top_p 1, the same request body and prompts for every server; a level sends N "
+        "requests (ok/N) through `conc` workers, each sending its next request when the last one ends",
+    ]
+
+
+def _notes(res: dict[str, Any]) -> list[str]:
+    notes = list(res.get("notes", []))
+    if res.get("raw", {}).get("error"):
+        notes.append(f"raw engine: {res['raw']['error']}")
+    for key, s in res["servers"].items():
+        label = LABELS[key]
+        if s.get("status") != "ok":
+            notes.append(f"{label}: {s.get('status')}: {s.get('reason')}")
+        if s.get("flags"):
+            notes.append(f"{label} flags: {s['flags']}")
+        notes += [f"{label}: {n}" for n in s.get("notes", [])]
+        for lv in s.get("levels", []):
+            if lv["errors"]:
+                notes.append(f"{label} {lv['prompt_tokens']}x{lv['concurrency']}: {'; '.join(lv['errors'])}")
+        for part in ("prefix", "single", "swap"):
+            if (s.get(part) or {}).get("errors"):
+                notes.append(f"{label} {part}: {'; '.join(s[part]['errors'])}")
+        if any(_burst(lv) for lv in s.get("levels", [])):
+            notes.append(
+                f"{label} sends more chunks than tokens (text it generated before streaming): its TTFT is the whole "
+                "generation, its ITL and decode rate are shown as `burst`"
+            )
+        if any(lv.get("tokens_assumed") for lv in s.get("levels", [])):
+            notes.append(f"{label} sends no usage: each answer is credited max_tokens (`≤`: an upper bound)")
+    counted = [lv for s in res["servers"].values() for lv in s.get("levels", []) if not lv.get("tokens_assumed")]
+    if n := sum(lv["ok"] for lv in counted):
+        fill = sum(lv["completion_tokens"] for lv in counted) / (n * res["meta"]["plan"]["output_tokens"])
+        notes.append(
+            f"{sum(lv['early_stops'] for lv in counted)} of {n} answers of the servers that send usage ended before "
+            f"max_tokens (the random model sampled its end token); they averaged {fill:.0%} of max_tokens, so a "
+            f"figure credited max_tokens (`≤`) may be up to {1 / fill - 1:.0%} too high"
+        )
+    notes.append(
+        "TTFT: request sent to first content (p50, p95 over a level's requests); ITL: per request, (end of "
+        "stream - first content) / (tokens - 1), the time per output token after the first, p50 over requests "
+        "(independent of how a detokenizer groups tokens into chunks); decode tok/s: 1 / ITL, p50; aggregate: "
+        "a level's output tokens / its wall time. Raw rows: mlx-lm in-process, the same token ids, sampler and "
+        "stop tokens, BatchGenerator fed by the same closed loop (prefill batch 8, prefill step 2048: mlx-lm's "
+        "defaults)."
+    )
+    return [f"- {n}" for n in notes]
+
+
+def render(res: dict[str, Any]) -> str:
+    meta = res["meta"]
+    parts = [
+        f"### Results: {meta['size']}{' (tiny)' if meta.get('tiny') else ''}",
+        "",
+        *_header(meta),
+        "",
+        "#### Summary",
+        "",
+        *_summary(res),
+        "",
+        *_detail(res),
+        *_probes(res),
+        "",
+        "#### Notes",
+        "",
+        *_notes(res),
+    ]
+    return "\n".join(parts) + "\n"
