@@ -27,7 +27,7 @@ from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .parsing import StreamParser
 from .prompts import PromptBuilder
-from .single_stream import SoloStream
+from .single_stream import SoloStream, own_kv
 from .types import Done, Event, Failed, GenerationRequest, Started, TextDelta
 
 
@@ -435,11 +435,14 @@ class ModelEngine:
             for a in list(w.batch.values()):
                 self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
             w.gen = self._make_batch_generator(w.model, w.tokenizer)
+            # Out of memory is the likely cause: give back the failed batch's buffers before the next request.
+            gc.collect()
+            _clear_mlx_cache()
             return
         self.peak_batch_size = max(self.peak_batch_size, len(responses))
         for r in responses:
             if (b := w.batch.get(r.uid)) is not None:
-                kv = (r.all_tokens, r.prompt_cache) if r.prompt_cache is not None else None
+                kv = (r.all_tokens, own_kv(r.prompt_cache)) if r.prompt_cache is not None else None
                 self._deliver(w, b, r.token, r.logprobs, r.finish_reason, kv)
 
     def _deliver(
@@ -476,11 +479,20 @@ class ModelEngine:
             self._in_flight -= 1
 
 
+# A shared prefix shorter than this (and than half the prompt) is prefilled again instead: a few dozen tokens cost
+# about one decode step, less than adapting a cached entry to them. On CUDA a short hit also gave the KV cache a new
+# shape, and compiling kernels for it added 50-200 ms to that request's first token (measured on an H100).
+MIN_PREFIX_REUSE = 64
+
+
 def _nearest_cache(cache: Any, key: str, prompt: list[int]) -> tuple[Any, list[int]]:
-    """The longest cached prefix of `prompt` and the tokens still to prefill (never none: one must be fed)."""
+    """The longest cached prefix of `prompt` worth reusing and the tokens still to prefill (never none: one must
+    be fed)."""
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     kv, rest = cache.fetch_nearest_cache(key, prompt)
+    if kv is not None and len(prompt) - len(rest) < min(MIN_PREFIX_REUSE, len(prompt) // 2):
+        return None, prompt
     if kv is not None and not rest:
         if not can_trim_prompt_cache(kv):
             return None, prompt

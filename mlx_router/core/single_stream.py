@@ -83,12 +83,8 @@ class SoloStream:
             return self._decode(look_ahead=False)
 
     def saved(self) -> tuple[list[int], list[Any]]:
-        """The tokens and KV cache to keep for later prompts, once finished. Plain KV caches grow in steps of 256
-        positions and the prefix cache's byte budget counts every one, so they are cut to their length first."""
-        for c in self.cache:
-            if type(c) is KVCache:  # not its subclasses, which keep other state
-                _cut_to_length(c)
-        return self.tokens, self.cache
+        """The tokens and KV cache to keep for later prompts, once finished (see `own_kv`)."""
+        return self.tokens, own_kv(self.cache)
 
     def to_batch(self, gen: Any, last_token: int | None) -> int:
         """Insert this sequence into `gen` (after `take_pending` gave `last_token` when decoding); returns its uid."""
@@ -148,8 +144,17 @@ class SoloStream:
         return sampled, logprobs.squeeze(0)
 
 
-def _cut_to_length(cache: Any) -> None:
-    keys, values, n = cache.keys, cache.values, cache.offset
-    if keys is not None and n < keys.shape[2]:
-        cache.keys, cache.values = mx.contiguous(keys[..., :n, :]), mx.contiguous(values[..., :n, :])
-        mx.async_eval(cache.keys, cache.values)  # type: ignore[no-untyped-call]
+def own_kv(cache: list[Any]) -> list[Any]:
+    """`cache` with each plain KV layer cut to its length and copied into arrays of its own, for the prefix cache.
+
+    Plain KV caches grow in steps of 256 positions, and a row taken out of a batch is a view of the whole batch's
+    buffer: kept as they are, an entry would pin far more memory than the byte budget counts (on an H100, enough to
+    run out of memory at 128 concurrent requests). `mx.contiguous` of the slice makes the copy.
+    """
+    for c in cache:
+        keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+        if type(c) is KVCache and keys is not None and values is not None:  # not subclasses: they keep other state
+            n = c.offset
+            c.keys, c.values = mx.contiguous(keys[..., :n, :]), mx.contiguous(values[..., :n, :])
+            mx.async_eval(c.keys, c.values)  # type: ignore[no-untyped-call]
+    return cache

@@ -95,6 +95,26 @@ def test_prefix_cache_never_exceeds_its_budget(model_dir: Path) -> None:
     assert max(sizes) > 0
 
 
+def test_a_short_shared_head_is_prefilled_again_not_served_from_cache(model_dir: Path) -> None:
+    # Prompts that share only the chat template's opening tokens: reusing those few is not worth a cache entry's
+    # copy, so both report no cached tokens; the exact prompt again reuses all but its last token.
+    async def run() -> list[int]:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
+        await engine.start()
+        cached = []
+        for text in ("first " * 40, "second " * 40, "second " * 40):
+            handle = engine.submit(request(text))
+            started = await handle.next_event()
+            assert isinstance(started, Started)
+            cached.append(started.cached_tokens)
+            await collect(handle)
+        await engine.stop()
+        return cached
+
+    first, other, same = asyncio.run(run())
+    assert first == 0 and other == 0 and same > 64
+
+
 def test_context_too_long_fails_the_request_not_the_engine(model_dir: Path) -> None:
     async def run() -> None:
         engine = ModelEngine(read_model_spec("tiny-ctx", model_dir / "tiny-ctx"), EngineOptions())
@@ -258,3 +278,27 @@ def test_a_lone_request_times_out(model_dir: Path) -> None:
         assert engine.in_flight == 0 and engine.moves_to_batch == 0
 
     asyncio.run(run())
+
+
+def test_prefix_cache_entries_own_their_memory() -> None:
+    # A row taken out of a batch is a view of the whole batch's KV buffer; the entry kept for later prompts must
+    # not pin that buffer, or the prefix cache holds far more memory than its budget counts.
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_router.core.single_stream import own_kv
+
+    batch = mx.zeros((32, 2, 512, 16))
+    mx.eval(batch)
+    size = batch.nbytes
+    row = KVCache()
+    row.keys, row.values, row.offset = batch[3:4, :, :100, :], batch[3:4, :, :100, :], 100
+    before = mx.get_active_memory()
+    (kept,) = own_kv([row])
+    mx.eval(kept.keys, kept.values)
+    del batch, row
+    gc.collect()
+    assert kept.keys.shape == (1, 2, 100, 16)
+    assert before - mx.get_active_memory() >= size * 0.9  # the batch buffer is gone; two 12.8 kB rows remain
