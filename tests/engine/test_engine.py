@@ -173,17 +173,22 @@ async def alone_batched_migrated(engine: ModelEngine, make: Callable[[], Generat
     return runs
 
 
-def test_greedy_tokens_are_the_same_alone_batched_and_moved_mid_decode(model_dir: Path) -> None:
+def three_ways(model_dir: Path, make: Callable[[], GenerationRequest]) -> list[list[Event]]:
+    """The same request run alone, batched and moved mid-decode, on a fresh engine over the random model."""
+
     async def run() -> list[list[Event]]:
         engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(max_batch_size=8))
         await engine.start()
-        # A penalty reads the token history, so the history must also survive the moves.
-        make = lambda: sampled(model_dir, "hello there", 120, bias=True, frequency_penalty=0.5)  # noqa: E731
         runs = await alone_batched_migrated(engine, make)
         await engine.stop()
         return runs
 
-    runs = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_greedy_tokens_are_the_same_alone_batched_and_moved_mid_decode(model_dir: Path) -> None:
+    # A penalty reads the token history, so the history must also survive the moves.
+    runs = three_ways(model_dir, lambda: sampled(model_dir, "hello there", 120, bias=True, frequency_penalty=0.5))
     for events in runs:
         done = events[-1]
         assert isinstance(done, Done) and done.finish_reason == "length" and done.usage.completion_tokens == 120
@@ -191,15 +196,7 @@ def test_greedy_tokens_are_the_same_alone_batched_and_moved_mid_decode(model_dir
 
 
 def test_logprobs_are_the_same_alone_batched_and_moved(model_dir: Path) -> None:
-    async def run() -> list[list[Event]]:
-        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(max_batch_size=8))
-        await engine.start()
-        make = lambda: sampled(model_dir, "hello there", 60, logprobs=True, top_logprobs=3)  # noqa: E731
-        runs = await alone_batched_migrated(engine, make)
-        await engine.stop()
-        return runs
-
-    runs = asyncio.run(run())
+    runs = three_ways(model_dir, lambda: sampled(model_dir, "hello there", 60, logprobs=True, top_logprobs=3))
     first = [lp for e in runs[0] if isinstance(e, TextDelta) for lp in e.logprobs]
     assert len(first) > 1 and all(len(lp.top) == 3 for lp in first)
     for events in runs[1:]:
