@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def main() -> None:
         (work / "c.json").write_text(json.dumps(cfg))
         root = Path(__file__).resolve().parents[1]
         spec = ServerSpec("ours", [sys.executable, str(root / "main.py"), "--config", str(work / "c.json")], root,
-                          dict(__import__("os").environ), {}, "")
+                          dict(os.environ), {}, "")
         server = ServerProcess(spec, port, work / "server.log")
         server.start()
         print(label, "ready:", server.wait_ready(120), flush=True)

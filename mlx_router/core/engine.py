@@ -145,6 +145,7 @@ class _Worker:
     gen: Any
     cache: Any
     outbox: _Outbox
+    constraints: ConstraintCompiler
     batch: dict[int, _Active] = field(default_factory=dict)  # by BatchGenerator uid
     solo: _Active | None = None  # the request decoded alone, if any
     can_leave_batch: bool = True
@@ -233,9 +234,9 @@ class ModelEngine:
 
         self._prompts = self._prompts.resolve_family(self.spec.config, tokenizer)
         self.family = self._prompts.family
-        self._constraints = ConstraintCompiler(tokenizer)
         cache = LRUPromptCache(max_size=256, max_bytes=max(self.options.prefix_cache_bytes, 0))
-        w = _Worker(model, tokenizer, self._make_batch_generator(model, tokenizer), cache, _Outbox(loop))
+        gen = self._make_batch_generator(model, tokenizer)
+        w = _Worker(model, tokenizer, gen, cache, _Outbox(loop), ConstraintCompiler(tokenizer))
         self._warm_up(w)
         logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
         _resolve(loop, ready, None)
@@ -303,18 +304,19 @@ class ModelEngine:
             self._release()
             return
         request = handle.request
+        family = self.family or "generic"
         try:
             prompt, in_reasoning = self._prompts.encode(w.tokenizer, request)
             max_tokens = self._check_context(len(prompt), request)
             kv, rest = _nearest_cache(w.cache, self.spec.id, prompt)
             parser = StreamParser(
-                self._prompts.family or "generic",
+                family,
                 tools=request.tools,
                 reasoning=self._prompts.reasoning,  # type: ignore[arg-type]
                 tool_choice=request.tool_choice,
                 start_in_reasoning=in_reasoning,
             )
-            constraint = self._constraints.processor(request, self.family or "generic", in_reasoning=in_reasoning)
+            constraint = w.constraints.processor(request, family, in_reasoning=in_reasoning)
             decoder = RequestDecoder(
                 w.tokenizer, request.sampling, parser, prompt_tokens=len(prompt), constraint=constraint
             )
@@ -442,7 +444,7 @@ class ModelEngine:
         self.peak_batch_size = max(self.peak_batch_size, len(responses))
         for r in responses:
             if (b := w.batch.get(r.uid)) is not None:
-                kv = (r.all_tokens, own_kv(r.prompt_cache)) if r.prompt_cache is not None else None
+                kv = (r.all_tokens, r.prompt_cache) if r.prompt_cache is not None else None
                 self._deliver(w, b, r.token, r.logprobs, r.finish_reason, kv)
 
     def _deliver(
@@ -458,7 +460,7 @@ class ModelEngine:
             if a.solo is not None:
                 kv = a.solo.saved()
             if kv is not None:
-                w.cache.insert_cache(self.spec.id, list(kv[0]), kv[1])
+                w.cache.insert_cache(self.spec.id, list(kv[0]), own_kv(kv[1]))
         # A stop string ends the request before the model does, so BatchGenerator still holds it.
         self._end(w, a, Done(finish, a.decoder.usage()), in_generator=model_finish is None)
         return True

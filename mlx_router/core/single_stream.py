@@ -83,8 +83,8 @@ class SoloStream:
             return self._decode(look_ahead=False)
 
     def saved(self) -> tuple[list[int], list[Any]]:
-        """The tokens and KV cache to keep for later prompts, once finished (see `own_kv`)."""
-        return self.tokens, own_kv(self.cache)
+        """The tokens and KV cache to keep for later prompts, once finished (to be passed through `own_kv`)."""
+        return self.tokens, self.cache
 
     def to_batch(self, gen: Any, last_token: int | None) -> int:
         """Insert this sequence into `gen` (after `take_pending` gave `last_token` when decoding); returns its uid."""
