@@ -52,12 +52,16 @@ class Raw:
             n += 1
         return (first - start) * 1000, (n - 1) / (time.perf_counter() - first)
 
-    def batch(self, tokens: int, concurrency: int) -> float:
-        """Aggregate tokens/s from insert to the last token."""
+    def batch(self, tokens: int, concurrency: int, temperature: float, own_samplers: bool = False) -> float:
+        """Aggregate tokens/s from insert to the last token; one sampler for the whole batch (one sampling call per
+        step), or with `own_samplers` one per sequence (BatchGenerator then samples row by row)."""
         from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_sampler
 
         gen = BatchGenerator(self.model, completion_batch_size=concurrency, prefill_batch_size=8, stop_tokens=[])
-        gen.insert([list(self.prompt)] * concurrency, max_tokens=[tokens] * concurrency)
+        n_samplers = concurrency if own_samplers else 1
+        samplers = [make_sampler(temp=temperature) for _ in range(n_samplers)] * (concurrency // n_samplers)
+        gen.insert([list(self.prompt)] * concurrency, max_tokens=[tokens] * concurrency, samplers=samplers)
         start, n = time.perf_counter(), 0
         while responses := gen.next_generated():
             n += len(responses)
@@ -66,8 +70,9 @@ class Raw:
 
 
 class Engine:
-    def __init__(self, path: Path, concurrency: int) -> None:
+    def __init__(self, path: Path, concurrency: int, temperature: float) -> None:
         self.engine = ModelEngine(read_model_spec("bench", path), EngineOptions(max_batch_size=concurrency))
+        self.temperature = temperature
         self.tokens = 0  # completion tokens of the last run, to check that no request stopped early
         self._n = 0
 
@@ -75,7 +80,9 @@ class Engine:
         self._n += 1  # a new prompt each time, so the prefix cache does not shorten the prefill
         text = f"{self._n} {PROMPT}"
         handle = self.engine.submit(
-            GenerationRequest("b", "bench", (Message("user", text),), SamplingParams(max_tokens=tokens))
+            GenerationRequest(
+                "b", "bench", (Message("user", text),), SamplingParams(max_tokens=tokens, temperature=self.temperature)
+            )
         )
         start, first = time.perf_counter(), 0.0
         async for event in handle.events():
@@ -97,9 +104,9 @@ class Engine:
         return self.tokens / (time.perf_counter() - start)
 
 
-async def measure(path: Path, tokens: int, concurrency: int, rounds: int) -> dict[str, Any]:
+async def measure(path: Path, tokens: int, concurrency: int, rounds: int, temperature: float) -> dict[str, Any]:
     """Raw and engine runs interleaved, `rounds` times after one unmeasured warm-up round; medians."""
-    raw, eng = Raw(path), Engine(path, concurrency)
+    raw, eng = Raw(path), Engine(path, concurrency, temperature)
     await eng.engine.start()
     runs: dict[str, list[float]] = {}
     for r in range(rounds + 1):
@@ -107,7 +114,8 @@ async def measure(path: Path, tokens: int, concurrency: int, rounds: int) -> dic
         got["raw_ttft_ms"], got["raw_single_tps"] = raw.single(tokens)
         got["engine_ttft_ms"], got["engine_single_tps"] = await eng.single(tokens)
         got["engine_single_tokens"] = eng.tokens
-        got["raw_batch_tps"] = raw.batch(tokens, concurrency)
+        got["raw_batch_tps"] = raw.batch(tokens, concurrency, temperature)
+        got["raw_batch_own_samplers_tps"] = raw.batch(tokens, concurrency, temperature, own_samplers=True)
         got["engine_batch_tps"] = await eng.batch(tokens, concurrency)
         got["engine_batch_tokens"] = eng.tokens
         for k, v in got.items():
@@ -130,6 +138,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--temperature", type=float, default=0.0, help="raw single stream stays greedy")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=0, help="pad the vocabulary to this size (0: the tokenizer's)")
@@ -142,7 +151,7 @@ def main() -> None:
             intermediate_size=args.hidden * 4,
             vocab_size=args.vocab or None,
         )
-        result = asyncio.run(measure(path, args.tokens, args.concurrency, args.rounds))
+        result = asyncio.run(measure(path, args.tokens, args.concurrency, args.rounds, args.temperature))
     print(json.dumps(result, indent=2))
 
 

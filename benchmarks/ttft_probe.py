@@ -65,8 +65,14 @@ def main() -> None:
         }
         (work / "c.json").write_text(json.dumps(cfg))
         root = Path(__file__).resolve().parents[1]
-        spec = ServerSpec("ours", [sys.executable, str(root / "main.py"), "--config", str(work / "c.json")], root,
-                          dict(os.environ), {}, "")
+        spec = ServerSpec(
+            "ours",
+            [sys.executable, str(root / "main.py"), "--config", str(work / "c.json")],
+            root,
+            dict(os.environ),
+            {},
+            "",
+        )
         server = ServerProcess(spec, port, work / "server.log")
         server.start()
         print(label, "ready:", server.wait_ready(120), flush=True)
@@ -76,8 +82,11 @@ def main() -> None:
         ttft(client, long[0], name)
         s = [ttft(client, m, name) for m in short[1:]]
         g = [ttft(client, m, name) for m in long[1:]]
-        print(f"{label}: TTFT 128-token median {1e3 * statistics.median(s):.1f} ms {[round(x * 1e3) for x in s]}; "
-              f"2048-token median {1e3 * statistics.median(g):.1f} ms {[round(x * 1e3) for x in g]}", flush=True)
+        print(
+            f"{label}: TTFT 128-token median {1e3 * statistics.median(s):.1f} ms {[round(x * 1e3) for x in s]}; "
+            f"2048-token median {1e3 * statistics.median(g):.1f} ms {[round(x * 1e3) for x in g]}",
+            flush=True,
+        )
         server.stop()
         print((work / "server.log").read_text()[-1500:])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .parsing import StreamParser
-from .sampling import make_logits_processors, make_sampler
+from .sampling import Sampler, make_logits_processors
 from .stops import StopStringFilter
 from .types import Event, FinishReason, SamplingParams, TextDelta, TokenLogprob, TopLogprob, Usage
 
@@ -19,6 +19,7 @@ class RequestDecoder:
         sampling: SamplingParams,
         parser: StreamParser,
         *,
+        sampler: Sampler,
         prompt_tokens: int,
         constraint: Any = None,
     ) -> None:
@@ -28,7 +29,7 @@ class RequestDecoder:
         self._parser = parser
         self._pending_logprobs: list[TokenLogprob] = []
         self._stops = StopStringFilter(sampling.stop)
-        self.sampler = make_sampler(sampling)
+        self.sampler = sampler
         # The grammar mask goes last, so no bias or penalty can lift a token it forbids.
         self.logits_processors = make_logits_processors(sampling) + ([constraint] if constraint else [])
         self.prompt_tokens = prompt_tokens

@@ -26,8 +26,10 @@ from .constrained import ConstraintCompiler
 from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .parsing import StreamParser
+from .prefix_cache import PrefixCache
 from .prompts import PromptBuilder
-from .single_stream import SoloStream, own_kv
+from .sampling import SamplerPool
+from .single_stream import SoloStream
 from .types import Done, Event, Failed, GenerationRequest, Started, TextDelta
 
 
@@ -143,9 +145,10 @@ class _Worker:
     model: Any
     tokenizer: Any
     gen: Any
-    cache: Any
+    cache: PrefixCache
     outbox: _Outbox
     constraints: ConstraintCompiler
+    samplers: SamplerPool = field(default_factory=SamplerPool)
     batch: dict[int, _Active] = field(default_factory=dict)  # by BatchGenerator uid
     solo: _Active | None = None  # the request decoded alone, if any
     can_leave_batch: bool = True
@@ -230,11 +233,9 @@ class ModelEngine:
     def _serve(
         self, model: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], t0: float
     ) -> None:
-        from mlx_lm.models.cache import LRUPromptCache
-
         self._prompts = self._prompts.resolve_family(self.spec.config, tokenizer)
         self.family = self._prompts.family
-        cache = LRUPromptCache(max_size=256, max_bytes=max(self.options.prefix_cache_bytes, 0))
+        cache = PrefixCache(max_size=256, max_bytes=max(self.options.prefix_cache_bytes, 0))
         gen = self._make_batch_generator(model, tokenizer)
         w = _Worker(model, tokenizer, gen, cache, _Outbox(loop), ConstraintCompiler(tokenizer))
         self._warm_up(w)
@@ -248,19 +249,36 @@ class ModelEngine:
                     w.outbox.add(h, unloaded)
                 w.outbox.flush()
                 return
-            if items and w.solo is not None:
-                self._solo_to_batch(w)
-            elif not items and w.solo is None and len(w.batch) == 1 and w.can_leave_batch:
-                self._batch_to_solo(w)
-            for handle in items:
-                self._admit(w, handle, alone=len(items) == 1 and not w.busy)
-            self._reap(w)
-            if w.solo is not None:
-                self._step_solo(w, w.solo)
-            elif w.batch:
-                self._step_batch(w)
+            try:
+                self._tick(w, items)
+            except Exception as exc:  # a failed step (out of memory, a bug) must not take the server down
+                self._fail_running(w, exc)
             w.outbox.flush()
             self.prefix_cache_bytes = w.cache.nbytes
+
+    def _tick(self, w: _Worker, items: list[Any]) -> None:
+        """One turn of the engine loop: admit new requests, drop cancelled ones, decode one token for the rest."""
+        if items and w.solo is not None:
+            self._solo_to_batch(w)
+        elif not items and w.solo is None and len(w.batch) == 1 and w.can_leave_batch:
+            self._batch_to_solo(w)
+        for handle in items:
+            self._admit(w, handle, alone=len(items) == 1 and not w.busy)
+        self._reap(w)
+        if w.solo is not None:
+            self._step_solo(w, w.solo)
+        elif w.batch:
+            self._step_batch(w)
+
+    def _fail_running(self, w: _Worker, exc: Exception) -> None:
+        """End every running request with the error and start from an empty batch; the model stays loaded."""
+        logger.opt(exception=exc).error("generation step failed on {}", self.spec.id)
+        for a in w.running():
+            self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")), in_generator=False)
+        w.gen = self._make_batch_generator(w.model, w.tokenizer)
+        # Out of memory is the likely cause: give back the failed batch's buffers before the next request.
+        gc.collect()
+        _clear_mlx_cache()
 
     def _make_batch_generator(self, model: Any, tokenizer: Any) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -308,7 +326,7 @@ class ModelEngine:
         try:
             prompt, in_reasoning = self._prompts.encode(w.tokenizer, request)
             max_tokens = self._check_context(len(prompt), request)
-            kv, rest = _nearest_cache(w.cache, self.spec.id, prompt)
+            kv, rest = w.cache.nearest(self.spec.id, prompt)
             parser = StreamParser(
                 family,
                 tools=request.tools,
@@ -318,7 +336,12 @@ class ModelEngine:
             )
             constraint = w.constraints.processor(request, family, in_reasoning=in_reasoning)
             decoder = RequestDecoder(
-                w.tokenizer, request.sampling, parser, prompt_tokens=len(prompt), constraint=constraint
+                w.tokenizer,
+                request.sampling,
+                parser,
+                sampler=w.samplers.get(request.sampling),
+                prompt_tokens=len(prompt),
+                constraint=constraint,
             )
             a = _Active(handle, decoder, time.monotonic() + self.options.timeout, max_tokens)
             prefix = prompt[: len(prompt) - len(rest)]
@@ -419,28 +442,13 @@ class ModelEngine:
 
     def _step_solo(self, w: _Worker, a: _Active) -> None:
         assert a.solo is not None
-        try:
-            step = a.solo.advance()
-        except Exception as exc:  # a failed step must not take the engine down
-            logger.exception("generation step failed on {}", self.spec.id)
-            self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
-            return
+        step = a.solo.advance()
         self.peak_batch_size = max(self.peak_batch_size, 1)
         if step is not None:
             self._deliver(w, a, *step)
 
     def _step_batch(self, w: _Worker) -> None:
-        try:
-            _, responses = w.gen.next()
-        except Exception as exc:  # a failed step must not take the other models or the server down
-            logger.exception("generation step failed on {}", self.spec.id)
-            for a in list(w.batch.values()):
-                self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
-            w.gen = self._make_batch_generator(w.model, w.tokenizer)
-            # Out of memory is the likely cause: give back the failed batch's buffers before the next request.
-            gc.collect()
-            _clear_mlx_cache()
-            return
+        _, responses = w.gen.next()
         self.peak_batch_size = max(self.peak_batch_size, len(responses))
         for r in responses:
             if (b := w.batch.get(r.uid)) is not None:
@@ -460,7 +468,10 @@ class ModelEngine:
             if a.solo is not None:
                 kv = a.solo.saved()
             if kv is not None:
-                w.cache.insert_cache(self.spec.id, list(kv[0]), own_kv(kv[1]))
+                try:
+                    w.cache.keep(self.spec.id, list(kv[0]), kv[1])
+                except Exception:  # e.g. out of memory for the copy: the answer is complete, only the reuse is lost
+                    logger.exception("could not keep a finished prompt's KV cache on {}", self.spec.id)
         # A stop string ends the request before the model does, so BatchGenerator still holds it.
         self._end(w, a, Done(finish, a.decoder.usage()), in_generator=model_finish is None)
         return True
@@ -479,28 +490,6 @@ class ModelEngine:
     def _release(self) -> None:
         with self._lock:
             self._in_flight -= 1
-
-
-# A shared prefix shorter than this (and than half the prompt) is prefilled again instead: a few dozen tokens cost
-# about one decode step, less than adapting a cached entry to them. On CUDA a short hit also gave the KV cache a new
-# shape, and compiling kernels for it added 50-200 ms to that request's first token (measured on an H100).
-MIN_PREFIX_REUSE = 64
-
-
-def _nearest_cache(cache: Any, key: str, prompt: list[int]) -> tuple[Any, list[int]]:
-    """The longest cached prefix of `prompt` worth reusing and the tokens still to prefill (never none: one must
-    be fed)."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    kv, rest = cache.fetch_nearest_cache(key, prompt)
-    if kv is not None and len(prompt) - len(rest) < min(MIN_PREFIX_REUSE, len(prompt) // 2):
-        return None, prompt
-    if kv is not None and not rest:
-        if not can_trim_prompt_cache(kv):
-            return None, prompt
-        trim_prompt_cache(kv, 1)
-        rest = prompt[-1:]
-    return kv, list(rest)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], error: Exception | None) -> None:

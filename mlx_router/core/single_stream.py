@@ -12,7 +12,7 @@ from collections.abc import Collection
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, TokenBuffer, make_prompt_cache
+from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 
 # One decoded token: (token id, its 1-D log-probabilities, "stop" | "length" | None), as BatchGenerator reports it.
 Step = tuple[int, Any, str | None]
@@ -83,7 +83,7 @@ class SoloStream:
             return self._decode(look_ahead=False)
 
     def saved(self) -> tuple[list[int], list[Any]]:
-        """The tokens and KV cache to keep for later prompts, once finished (to be passed through `own_kv`)."""
+        """The tokens and KV cache to keep for later prompts, once finished (for `PrefixCache.keep`)."""
         return self.tokens, self.cache
 
     def to_batch(self, gen: Any, last_token: int | None) -> int:
@@ -142,19 +142,3 @@ class SoloStream:
         sampled = self._sampler(logprobs)
         mx.async_eval(sampled, logprobs, context)  # type: ignore[no-untyped-call]
         return sampled, logprobs.squeeze(0)
-
-
-def own_kv(cache: list[Any]) -> list[Any]:
-    """`cache` with each plain KV layer cut to its length and copied into arrays of its own, for the prefix cache.
-
-    Plain KV caches grow in steps of 256 positions, and a row taken out of a batch is a view of the whole batch's
-    buffer: kept as they are, an entry would pin far more memory than the byte budget counts (on an H100, enough to
-    run out of memory at 128 concurrent requests). `mx.contiguous` of the slice makes the copy.
-    """
-    for c in cache:
-        keys, values = getattr(c, "keys", None), getattr(c, "values", None)
-        if type(c) is KVCache and keys is not None and values is not None:  # not subclasses: they keep other state
-            n = c.offset
-            c.keys, c.values = mx.contiguous(keys[..., :n, :]), mx.contiguous(values[..., :n, :])
-            mx.async_eval(c.keys, c.values)  # type: ignore[no-untyped-call]
-    return cache

@@ -285,7 +285,7 @@ def test_prefix_cache_entries_own_their_memory() -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
-    from mlx_router.core.single_stream import own_kv
+    from mlx_router.core.prefix_cache import own_kv
 
     batch = mx.zeros((32, 2, 512, 16))
     mx.eval(batch)
@@ -299,3 +299,57 @@ def test_prefix_cache_entries_own_their_memory() -> None:
     gc.collect()
     assert kept.keys.shape == (1, 2, 100, 16)
     assert before - mx.get_active_memory() >= size * 0.9  # the batch buffer is gone; two 12.8 kB rows remain
+
+
+def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of memory in a decode step: the requests in that batch get an error, the model stays loaded and serves.
+    from mlx_lm.generate import BatchGenerator
+
+    real_next = BatchGenerator.next
+    calls = {"n": 0}
+
+    def next_or_fail(self: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("cudaMallocAsync failed: out of memory")
+        return real_next(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_or_fail)
+
+    async def run() -> None:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions(max_batch_size=4))
+        await engine.start()
+        failed = await asyncio.gather(*(collect(engine.submit(request("hello", 30))) for _ in range(2)))
+        text, done = await collect(engine.submit(request("hello again", 30)))
+        await asyncio.sleep(0.1)
+        assert engine.in_flight == 0
+        await engine.stop()
+        for _, event in failed:
+            assert isinstance(event, Failed) and "out of memory" in str(event.error)
+        assert isinstance(done, Done) and text == REPLIES["alpha"]
+
+    asyncio.run(run())
+
+
+def test_a_finished_answer_is_delivered_even_if_keeping_its_cache_fails(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlx_router.core.prefix_cache import PrefixCache
+
+    def no_memory(*_: Any) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(PrefixCache, "keep", no_memory)
+
+    async def run() -> list[tuple[str, Done | Failed]]:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions(max_batch_size=4))
+        await engine.start()
+        results = [await collect(engine.submit(request("hello")))]  # alone: the fast path
+        results += await asyncio.gather(*(collect(engine.submit(request("hi"))) for _ in range(2)))  # batched
+        await engine.stop()
+        return results
+
+    for text, done in asyncio.run(run()):
+        assert isinstance(done, Done) and done.finish_reason == "stop" and text == REPLIES["alpha"]
