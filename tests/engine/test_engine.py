@@ -353,3 +353,35 @@ def test_a_finished_answer_is_delivered_even_if_keeping_its_cache_fails(
 
     for text, done in asyncio.run(run()):
         assert isinstance(done, Done) and done.finish_reason == "stop" and text == REPLIES["alpha"]
+
+
+@pytest.mark.parametrize("decoding", [True, False], ids=["mid-decode", "mid-prefill"])
+def test_a_moved_sequence_does_not_pad_the_prompts_that_arrive_with_it(model_dir: Path, decoding: bool) -> None:
+    # In one prompt batch with new prompts, the moved sequence's KV cache would be merged with theirs and every new
+    # prompt left-padded to its length: double the prefill work and new kernel shapes (seconds on CUDA).
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import greedy_sampler
+
+    from mlx_router.core.single_stream import SoloStream
+
+    model, tokenizer = load(str(model_dir / "random"))[:2]
+    gen = BatchGenerator(model, stop_tokens=[], prefill_batch_size=8, prefill_step_size=4)
+    prompt = tokenizer.encode("a fairly long first prompt that takes several prefill chunks to read")
+    solo = SoloStream(
+        gen, cache=None, tokens=[], rest=prompt, max_tokens=20, sampler=greedy_sampler, logits_processors=[],
+        stop_tokens=(),
+    )  # fmt: skip
+    solo.advance()  # one prefill chunk
+    last = None
+    if decoding:
+        while solo.advance() is None:
+            pass
+        last = solo.take_pending()[0]
+    uid = solo.to_batch(gen, last)
+    assert gen._generation_batch.uids == [uid] and len(gen._prompt_batch) == 0
+    gen.insert([tokenizer.encode("a new prompt of some twenty tokens or so, read in chunks of four")], max_tokens=[4])
+    gen.next()
+    assert len(gen._prompt_batch) == 1
+    assert gen._prompt_batch.prompt_cache[0].left_padding.tolist() == [0]
+    gen.close()
