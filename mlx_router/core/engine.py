@@ -409,6 +409,8 @@ class ModelEngine:
         except Exception as exc:  # a failed move ends this request only
             logger.exception("moving a request into the batch failed on {}", self.spec.id)
             self._end(w, a, Failed(GenerationFailed(f"generation failed: {exc}")))
+            # The generator may hold the half-moved sequence; nothing else was in it, so a fresh one loses nothing.
+            w.gen = self._make_batch_generator(w.model, w.tokenizer)
             return
         w.solo, a.solo = None, None
         w.batch[a.uid] = a

@@ -385,3 +385,35 @@ def test_a_moved_sequence_does_not_pad_the_prompts_that_arrive_with_it(model_dir
     assert len(gen._prompt_batch) == 1
     assert gen._prompt_batch.prompt_cache[0].left_padding.tolist() == [0]
     gen.close()
+
+
+def test_a_failed_move_into_the_batch_ends_only_the_moved_request(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlx_router.core.single_stream import SoloStream
+
+    real_to_batch = SoloStream.to_batch
+
+    def insert_then_fail(self: SoloStream, gen: Any, last_token: int | None) -> int:
+        real_to_batch(self, gen, last_token)  # the sequence is in the generator when the failure comes
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(SoloStream, "to_batch", insert_then_fail)
+
+    async def run() -> None:
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(max_batch_size=4))
+        await engine.start()
+        lone = engine.submit(sampled(model_dir, "hello there", 200, bias=True))
+        await until_text(lone)  # decoding alone on the fast path
+        newcomers = [engine.submit(sampled(model_dir, "hi", 20, bias=True)) for _ in range(2)]
+        _, moved = await collect(lone)
+        results = [await collect(h) for h in newcomers]
+        await asyncio.sleep(0.1)
+        assert engine.in_flight == 0
+        assert engine.peak_batch_size == 2  # the orphaned sequence was not decoded beside the newcomers
+        await engine.stop()
+        assert isinstance(moved, Failed) and "out of memory" in str(moved.error)
+        for _, done in results:
+            assert isinstance(done, Done) and done.usage.completion_tokens == 20
+
+    asyncio.run(run())
