@@ -20,10 +20,11 @@ class PrefixCache(LRUPromptCache):
     def nearest(self, model: str, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """A copy of the longest cached prefix of `prompt` worth reusing, and the tokens still to prefill (never
         none: one must be fed)."""
-        if self._reusable(model, prompt) < min(MIN_PREFIX_REUSE, len(prompt) // 2):
+        worth = min(MIN_PREFIX_REUSE, len(prompt) // 2)
+        if self._reusable(model, prompt) < worth:
             return None, prompt
         kv, rest = self.fetch_nearest_cache(model, prompt)
-        if kv is None or len(prompt) - len(rest) < min(MIN_PREFIX_REUSE, len(prompt) // 2):
+        if kv is None or len(prompt) - len(rest) < worth:
             return None, prompt
         if not rest:
             if not can_trim_prompt_cache(kv):
@@ -41,7 +42,7 @@ class PrefixCache(LRUPromptCache):
         # reuse. `fetch_nearest_cache` searches every entry below the shared part and deep-copies the one it picks
         # (megabytes per layer); most prompts share only the chat template's opening with the cache, and that work
         # (1.3 ms per request with 256 short entries, more with long ones) would be thrown away.
-        # (`_trie._trie` is mlx-lm 0.32's nested dicts keyed by token; tests/unit/test_prefix_cache.py pins it.)
+        # (`_trie._trie` is mlx-lm 0.32's nested dicts keyed by token; tests/unit/test_sampling_and_prefix_cache.py pins it.)
         node = self._trie._trie.get(model)
         n = 0
         while node is not None and n < len(prompt) and prompt[n] in node:
