@@ -44,7 +44,6 @@ def settings_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, 
         raise SystemExit(2) from None
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Load settings, set up logging and serve until interrupted."""
     settings = settings_from_args(argv)

@@ -42,7 +42,8 @@ class PrefixCache(LRUPromptCache):
         # reuse. `fetch_nearest_cache` searches every entry below the shared part and deep-copies the one it picks
         # (megabytes per layer); most prompts share only the chat template's opening with the cache, and that work
         # (1.3 ms per request with 256 short entries, more with long ones) would be thrown away.
-        # (`_trie._trie` is mlx-lm 0.32's nested dicts keyed by token; tests/unit/test_sampling_and_prefix_cache.py pins it.)
+        # `_trie._trie` is mlx-lm 0.32's nested dicts keyed by token (pinned by
+        # tests/unit/test_sampling_and_prefix_cache.py).
         node = self._trie._trie.get(model)
         n = 0
         while node is not None and n < len(prompt) and prompt[n] in node:
