@@ -4,7 +4,8 @@ single-stream fast path with its moves into and out of the batch."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +418,85 @@ def test_a_failed_move_into_the_batch_ends_only_the_moved_request(
             assert isinstance(done, Done) and done.usage.completion_tokens == 20
 
     asyncio.run(run())
+
+
+@contextmanager
+def stepped_worker(model_dir: Path, options: EngineOptions) -> Iterator[tuple[ModelEngine, Any]]:
+    """An engine's worker driven step by step on this thread (`engine._tick`), so the timing is exact."""
+    from mlx_lm import load
+
+    engine = ModelEngine(read_model_spec("random", model_dir / "random"), options)
+    model, tokenizer = load(str(model_dir / "random"))[:2]
+    loop = asyncio.new_event_loop()
+    w = engine._new_worker(model, tokenizer, loop)
+    try:
+        yield engine, w
+    finally:
+        w.gen.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("hold", [50, 2])
+def test_new_prompts_wait_until_the_prompt_batch_has_read_its_prompts(model_dir: Path, hold: int) -> None:
+    # A prompt added to a prompt batch part-way through its chunks is left-padded at every chunk, and the batch's
+    # KV caches are rolled at the end (on CUDA the slowest part of long concurrent prompts). The engine holds it,
+    # at most `max_prefill_hold` steps.
+    from mlx_router.core.engine import _prefill_in_progress
+
+    options = EngineOptions(max_batch_size=8, prefill_step_size=4, max_prefill_hold=hold)
+    with stepped_worker(model_dir, options) as (engine, w):
+        long_prompt = "a long prompt that takes the prefill many chunks of four tokens to read, number "
+        loop = w.outbox._loop
+        engine._tick(w, [RequestHandle(request(long_prompt + str(i), 5), loop) for i in range(2)])
+        assert len(w.batch) == 2 and _prefill_in_progress(w.gen)
+        late = RequestHandle(request(long_prompt + "3", 5), loop)
+        engine._tick(w, [late])
+        steps, reading = 1, True
+        while w.waiting:
+            reading = _prefill_in_progress(w.gen)
+            engine._tick(w, [])
+            steps += 1
+        assert len(w.batch) == 3
+        if hold == 2:
+            assert steps == 3 and reading  # admitted at the limit although the first prompts were still being read
+        else:
+            assert steps > 3 and not reading
+            assert w.gen._prompt_batch.prompt_cache[0].left_padding.tolist() == [0]  # a prompt batch of its own
+        while w.batch:
+            engine._tick(w, [])
+
+
+def test_a_prompt_batch_is_not_topped_up_while_its_read_prompts_wait_to_decode(model_dir: Path) -> None:
+    # mlx-lm fills a prompt batch up to its size before moving read prompts on to decoding: new prompts admitted
+    # then would take the free places, and prompt batches would alternate between partial sizes from then on.
+    with stepped_worker(model_dir, EngineOptions(max_batch_size=16)) as (engine, w):
+        loop = w.outbox._loop
+        engine._tick(w, [RequestHandle(request(f"short prompt {i}", 5), loop) for i in range(2)])
+        assert len(w.gen._prompt_batch) == 2  # read, waiting for their first decoding step
+        engine._tick(w, [RequestHandle(request(f"later prompt {i}", 5), loop) for i in range(8)])
+        assert len(w.waiting) == 8 and len(w.gen._prompt_batch) == 0
+        engine._tick(w, [])
+        assert not w.waiting and len(w.gen._prompt_batch) == 8  # one full prompt batch
+        while w.batch:
+            engine._tick(w, [])
+
+
+def test_the_heap_is_frozen_after_a_load_and_after_an_unload(model_dir: Path) -> None:
+    # A full collection walks every tracked object (300 ms on the GPU host); what is alive once a model is loaded
+    # lives as long as it, so it is kept out of later walks. An unload unfreezes first, so its cycles are freed.
+    import gc
+
+    async def run() -> tuple[int, int, int]:
+        gc.unfreeze()
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions())
+        await engine.start()
+        loaded = gc.get_freeze_count()
+        _, done = await collect(engine.submit(request("hello there", 5)))
+        assert isinstance(done, Done) and done.usage.completion_tokens == 5
+        await engine.stop()
+        return loaded, gc.get_freeze_count(), len(gc.get_objects())
+
+    loaded, unloaded, tracked = asyncio.run(run())
+    assert loaded > 10_000  # modules, the model's tree and the tokenizer
+    assert 0 < unloaded < loaded + 10_000
+    assert tracked < 10_000  # nothing much left for the collector to walk
