@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder holding mlx-router 2.3.1 (pip install --target); default: %(default)s",
     )
     p.add_argument("--only", default=",".join(PARTS), help="comma list of parts to run (default: all)")
+    p.add_argument(
+        "--passes", type=int, default=1, help="run each level N times with new prompts and report the median pass"
+    )
     p.add_argument("--merge", action="store_true", help="keep the other parts of an earlier results JSON in --out")
     return p.parse_args(argv)
 
@@ -154,7 +157,7 @@ def workload(plan: Plan, model: str, single_name: str | None) -> dict[str, Any]:
     n_warm = max([8, *plan.concurrencies])
     return {
         "levels": [
-            [f.chat(lv.prompt_tokens, SEED_LEVEL * (i + 1) + j) for j in range(lv.requests)]
+            [f.chat(lv.prompt_tokens, SEED_LEVEL * (i + 1) + j) for j in range(lv.requests * plan.passes)]
             for i, lv in enumerate(plan.levels)
         ],
         "warm_long": f.chat(max(plan.prompt_lengths), SEED_WARM),
@@ -174,6 +177,7 @@ def run_raw(plan: Plan, wl: dict[str, Any], model_dir: Path, work: Path, log: Pa
         "swap_b": str(model_dir / f"{wl['single_name'] or MAIN}-b"),
         "temperature": plan.temperature,
         "output_tokens": plan.output_tokens,
+        "passes": plan.passes,
         "warm_long": wl["warm_long"][1],
         "warm_short": ids(wl["warm_short"]),
         "warm_concurrencies": [c for c in plan.concurrencies if c > 1] if plan.warm_every_concurrency else [8],
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p for p in args.only.split(",") if p]
     if unknown := set(parts) - set(PARTS):
         raise SystemExit(f"unknown part(s) {sorted(unknown)}; known: {', '.join(PARTS)}")
-    plan = make_plan(args.size, args.tiny)
+    plan = dataclasses.replace(make_plan(args.size, args.tiny), passes=max(1, args.passes))
     out, models = args.out.resolve(), args.models.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ class Plan:
     startup_timeout_s: float = 300.0
     # Servers that run one request at a time stop at this concurrency (beyond it a level only measures queueing).
     serial_max_concurrency: int = 1 << 30
+    passes: int = 1  # each level this many times, with new prompts; the pass with the median aggregate is reported
 
     @property
     def prompt_lengths(self) -> list[int]:
@@ -244,6 +245,17 @@ class ReqResult:
     @property
     def ttft(self) -> float | None:
         return self.chunk_times[0] - self.t_send if self.chunk_times else None
+
+
+def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several passes of one level as one: the pass with the median aggregate tokens/s (the lower middle of an even
+    count), so every figure of a row comes from one pass, plus every pass's aggregate and TTFT p50."""
+    ranked = sorted(passes, key=lambda s: s["aggregate_tok_s"] or 0.0)
+    return {
+        **ranked[(len(ranked) - 1) // 2],
+        "passes_aggregate_tok_s": [s["aggregate_tok_s"] for s in passes],
+        "passes_ttft_p50_s": [s["ttft_p50_s"] for s in passes],
+    }
 
 
 def summarize(rs: list[ReqResult], wall: float, requested: int, max_tokens: int) -> dict[str, Any]:

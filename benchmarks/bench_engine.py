@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import ReqResult, median, summarize
+from bench_common import ReqResult, median, median_pass, summarize
 
 _LLAMA31 = {  # Llama-3.1's config-only fields and untied output head (not part of tiny_models' defaults)
     "rope_theta": 500000.0,
@@ -206,13 +206,17 @@ def raw(work: dict[str, Any], out_path: Path) -> None:
         closed_loop(model, tok, work["warm_short"][:c], c, 4)
     save("warmed up")
     for lv in work["levels"]:
+        n = len(lv["prompts"]) // work["passes"]
+        batches = [lv["prompts"][k * n : (k + 1) * n] for k in range(work["passes"])]
         if lv["concurrency"] == 1:  # the single-stream ceiling: stream_generate on the same prompts
-            rs = [_stream(model, tok, p, n_out) for p in lv["prompts"]]
-            wall = sum(r.t_end - r.t_send for r in rs if r.t_end)
-            res["stream"].append({"prompt_tokens": lv["prompt_tokens"], **summarize(rs, wall, len(rs), n_out)})
-        summary = closed_loop(model, tok, lv["prompts"], lv["concurrency"], n_out)
+            streams = []
+            for batch in batches:
+                rs = [_stream(model, tok, p, n_out) for p in batch]
+                streams.append(summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out))
+            res["stream"].append({"prompt_tokens": lv["prompt_tokens"], **median_pass(streams)})
+        summary = median_pass([closed_loop(model, tok, batch, lv["concurrency"], n_out) for batch in batches])
         res["levels"].append({"prompt_tokens": lv["prompt_tokens"], "concurrency": lv["concurrency"], **summary})
-        save(f"{lv['prompt_tokens']}x{lv['concurrency']}: {summary['aggregate_tok_s'] or 0:.1f} tok/s")
+        save(f"{lv['prompt_tokens']}x{lv['concurrency']}: {summary['passes_aggregate_tok_s']} tok/s")
     res["prefix"] = prefix(model, tok, work["prefix"])
     save(f"prefix {res['prefix']['cold_ttft_s']:.3f}s -> {res['prefix']['warm_ttft_s']:.3f}s")
     if work["single_model"]:  # the 4-bit model: single stream, after one unmeasured request

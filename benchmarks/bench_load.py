@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from bench_common import Plan, ReqResult, median, summarize
+from bench_common import Plan, ReqResult, median, median_pass, summarize
 from bench_servers import MAIN, ServerProcess, ServerSpec, free_port, make_spec
 from openai import AsyncOpenAI
 
@@ -161,27 +161,35 @@ class Suite:
                     f"stops such servers at concurrency {plan.serial_max_concurrency}"
                 )
                 continue
-            rs, wall, timed_out = await closed_loop(
-                self.client,
-                self.main,
-                [m for m, _ in prompts],
-                lv.concurrency,
-                plan.output_tokens,
-                plan.temperature,
-                plan.level_timeout_s,
-            )
+            passes, timed_out = [], False
+            for k in range(plan.passes):
+                batch = prompts[k * lv.requests : (k + 1) * lv.requests]
+                rs, wall, timed_out = await closed_loop(
+                    self.client,
+                    self.main,
+                    [m for m, _ in batch],
+                    lv.concurrency,
+                    plan.output_tokens,
+                    plan.temperature,
+                    plan.level_timeout_s,
+                )
+                passes.append(summarize(rs, wall, lv.requests, plan.output_tokens))
+                p = passes[-1]
+                print(
+                    f"  {self.spec.key} {lv.prompt_tokens}x{lv.concurrency} (pass {k + 1}/{plan.passes}): "
+                    f"{p['ok']}/{lv.requests} ok, TTFT p50 {p['ttft_p50_s'] or 0:.3f}s, "
+                    f"{p['aggregate_tok_s'] or 0:.1f} tok/s, {wall:.1f}s",
+                    flush=True,
+                )
+                if timed_out or not self.proc.alive():
+                    break
             s = {
                 "prompt_tokens": lv.prompt_tokens,
                 "concurrency": lv.concurrency,
                 "timed_out": timed_out,
-                **summarize(rs, wall, lv.requests, plan.output_tokens),
+                **median_pass(passes),
             }
             out.append(s)
-            print(
-                f"  {self.spec.key} {lv.prompt_tokens}x{lv.concurrency}: {s['ok']}/{lv.requests} ok, TTFT p50 "
-                f"{s['ttft_p50_s'] or 0:.3f}s, {s['aggregate_tok_s'] or 0:.1f} tok/s, {wall:.1f}s",
-                flush=True,
-            )
             if timed_out or not self.proc.alive():
                 stopped.add(lv.prompt_tokens)
                 why = "its time limit" if timed_out else "the server exited"

@@ -137,7 +137,7 @@ def _detail(res: dict[str, Any]) -> list[str]:
                     continue
                 ok = f"{lv['ok']}/{lv['requested']}" + (" (time limit)" if lv.get("timed_out") else "")
                 itl = "burst" if _burst(lv) else fs(lv["itl_p50_s"])
-                tokens = ("≤" if lv.get("tokens_assumed") else "") + fr(lv["aggregate_tok_s"])
+                tokens = ("≤" if lv.get("tokens_assumed") else "") + fr(lv["aggregate_tok_s"]) + _spread(lv)
                 rows.append(
                     [
                         label,
@@ -198,6 +198,11 @@ def _probes(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def _spread(lv: dict[str, Any]) -> str:
+    rates = lv.get("passes_aggregate_tok_s") or []
+    return f" ({', '.join(fr(r) for r in rates)})" if len(rates) > 1 else ""
+
+
 def _header(meta: dict[str, Any]) -> list[str]:
     hw, plan = meta["hardware"], meta["plan"]
     gpu = f"GPU: {hw['gpu']}" if hw.get("gpu") else "no GPU"
@@ -223,7 +228,13 @@ def _header(meta: dict[str, Any]) -> list[str]:
         + "".join(f"; merged with `{c}`" for c in meta.get("merged", [])),
         f"- Load: {plan['output_tokens']} output tokens per request (max_tokens), temperature "
         f"{plan['temperature']:g}, top_p 1, the same request body and prompts for every server; a level sends N "
-        "requests (ok/N) through `conc` workers, each sending its next request when the last one ends",
+        "requests (ok/N) through `conc` workers, each sending its next request when the last one ends"
+        + (
+            f"; each level ran {plan['passes']} times with new prompts, and a row is the pass with the median "
+            "aggregate tok/s (all passes' aggregates in brackets)"
+            if plan.get("passes", 1) > 1
+            else ""
+        ),
     ]
 
 
