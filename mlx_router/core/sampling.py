@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
 from .types import SamplingParams
 
@@ -19,11 +20,9 @@ class SamplerPool:
 
     `BatchGenerator` samples a whole batch in one call only when every row has the same sampler object; with an
     object per row it samples row by row (32 rows on an H100: 1,532 tok/s against 1,741 with one). So requests
-    with the same settings and no `seed` share one sampler. A request with a `seed` gets its own
+    with the same settings and no `seed` share one sampler (and its PRNG key). A request with a `seed` gets its own
     key, so its tokens do not depend on which other requests share the batch. Greedy requests share mlx-lm's
-    `greedy_sampler`. Shared samplers are mlx-lm's `make_sampler`, whose categorical draw is a compiled function
-    on MLX's global random state: on the H100 the engine decoded 32 rows at 0.95x of raw `BatchGenerator` with it,
-    against 0.85x with the uncompiled draw a seeded request still uses (`benchmarks/engine_bench.py`, one host).
+    `greedy_sampler`.
     """
 
     MAX_SHARED = 16  # distinct settings kept; a request keeps its sampler even after the pool forgets it
@@ -37,9 +36,7 @@ class SamplerPool:
         if params.seed is not None:
             return _stochastic_sampler(params, params.seed)
         key = (params.temperature, params.top_p, params.min_p, params.top_k)
-        sampler = self._shared.pop(key, None) or make_sampler(
-            params.temperature, params.top_p, params.min_p, top_k=params.top_k
-        )
+        sampler = self._shared.pop(key, None) or _stochastic_sampler(params, secrets.randbits(32))
         self._shared[key] = sampler
         if len(self._shared) > self.MAX_SHARED:
             self._shared.popitem(last=False)
@@ -47,8 +44,7 @@ class SamplerPool:
 
 
 def _stochastic_sampler(params: SamplingParams, seed: int) -> Sampler:
-    """A seeded request's sampler: mlx-lm's top-p / min-p / top-k filters, then a temperature draw with its own
-    PRNG key, on logprobs of shape (rows, vocab)."""
+    """Temperature sampling after mlx-lm's top-p / min-p / top-k filters, on logprobs of shape (rows, vocab)."""
     key = mx.random.key(seed)
     inv_temp = 1.0 / params.temperature
 

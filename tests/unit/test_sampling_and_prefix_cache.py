@@ -101,3 +101,14 @@ def test_a_kept_entry_is_cut_to_its_length_and_counted() -> None:
     cache.keep("m", list(range(100)), layers)
     assert layers[0].keys.shape[2] == 100
     assert cache.nbytes == 2 * 100 * 2 * 4 * 4  # keys and values, float32
+
+
+def test_samplers_leave_mlx_global_random_state_alone() -> None:
+    # Each model's engine thread samples on its own: a draw on the process-wide state would make the threads share
+    # one lazy array.
+    before = mx.random.state[0].tolist()
+    logprobs = mx.log(mx.softmax(mx.random.normal((4, 50), key=mx.random.key(5)), axis=-1))
+    pool = SamplerPool()
+    for p in (params(temperature=0.8), params(temperature=0.8, seed=3), params(temperature=0.8, top_p=0.9)):
+        mx.eval(pool.get(p)(logprobs))
+    assert mx.random.state[0].tolist() == before  # a draw on it would have moved it on
