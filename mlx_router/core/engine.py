@@ -43,7 +43,7 @@ class EngineOptions:
     warmup_tokens: int = 0
     prefix_cache_bytes: int = 1 << 30
     prefill_step_size: int = 512
-    max_prefill_hold: int = 8  # steps a new request may wait for a prompt batch to finish its prefill
+    max_prefill_hold: int = 8  # steps new requests may wait for the prompt batch under way to move on to decoding
 
 
 class RequestHandle:
@@ -153,7 +153,7 @@ class _Worker:
     batch: dict[int, _Active] = field(default_factory=dict)  # by BatchGenerator uid
     solo: _Active | None = None  # the request decoded alone, if any
     waiting: deque[RequestHandle] = field(default_factory=deque)  # arrived, held until a prompt batch can start
-    held_steps: int = 0  # steps the oldest waiting request has been held
+    held_steps: int = 0  # steps the waiting requests have been held so far
     can_leave_batch: bool = True
 
     @property
@@ -326,7 +326,7 @@ class ModelEngine:
         return items
 
     def _admit_waiting(self, w: _Worker) -> None:
-        """Start the waiting requests, unless a prompt batch is part-way through a long prompt.
+        """Start the waiting requests, unless the generator still holds prompts that are not yet decoding.
 
         mlx-lm adds new prompts to a prompt batch that is already under way: their chunks no longer line up, so
         every chunk is left-padded and the finished batch's KV caches are rolled into place. On the H100, 8
