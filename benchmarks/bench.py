@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -69,7 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--passes", type=int, default=1, help="run each level N times with new prompts and report the median pass"
     )
-    p.add_argument("--merge", action="store_true", help="keep the other parts of an earlier results JSON in --out")
+    p.add_argument("--lengths", default="", help="comma list: run only the levels of these prompt lengths")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other parts and levels of an earlier results JSON in --out (its levels of the lengths run now "
+        "are replaced)",
+    )
     return p.parse_args(argv)
 
 
@@ -127,9 +134,10 @@ def describe(folder: Path) -> dict[str, Any]:
     }
 
 
-def fit_memory(plan: Plan, model: dict[str, Any], notes: list[str]) -> Plan:
-    """Drop levels whose KV cache (twice: batching copies it) plus weights would pass 80% of the GPU's memory:
-    MLX's CUDA backend uses managed memory, and oversubscribing it can hang the GPU instead of failing."""
+def fit_memory(plan: Plan, model: dict[str, Any], notes: list[str], copies: int) -> Plan:
+    """Drop levels whose KV cache (twice: batching copies it) plus weights (`copies` of them: a paired raw engine
+    keeps its own) would pass 80% of the GPU's memory: MLX's CUDA backend uses managed memory, and oversubscribing it
+    can hang the GPU instead of failing."""
     total = gpu_memory_gb()
     if total is None:
         return plan
@@ -138,12 +146,13 @@ def fit_memory(plan: Plan, model: dict[str, Any], notes: list[str]) -> Plan:
     per_token = model["num_hidden_layers"] * model["num_key_value_heads"] * head_dim * 2 * width / 1e9
     keep = []
     for lv in plan.levels:
-        need = model["weight_gb"] + 4 + 2 * lv.concurrency * (lv.prompt_tokens + plan.output_tokens) * per_token
+        kv = 2 * lv.concurrency * (lv.prompt_tokens + plan.output_tokens) * per_token
+        need = copies * model["weight_gb"] + 4 + kv
         if need <= 0.8 * total:
             keep.append(lv)
         else:
             notes.append(
-                f"{lv.prompt_tokens}x{lv.concurrency} not run: ~{need:.0f} GB (weights, 2x KV cache, 4 GB) "
+                f"{lv.prompt_tokens}x{lv.concurrency} not run: ~{need:.0f} GB ({copies}x weights, 2x KV cache, 4 GB) "
                 f"> 80% of the GPU's {total:.0f} GB"
             )
     return dataclasses.replace(plan, levels=tuple(keep))
@@ -157,8 +166,12 @@ def workload(plan: Plan, model: str, single_name: str | None) -> dict[str, Any]:
     n_warm = max([8, *plan.concurrencies])
     return {
         "levels": [
-            [f.chat(lv.prompt_tokens, SEED_LEVEL * (i + 1) + j) for j in range(lv.requests * plan.passes)]
-            for i, lv in enumerate(plan.levels)
+            # Seeded by the level itself, so a run split with --lengths gives each level the prompts of a whole run.
+            [
+                f.chat(lv.prompt_tokens, SEED_LEVEL * (lv.prompt_tokens + lv.concurrency) + j)
+                for j in range(lv.requests * plan.passes)
+            ]
+            for lv in plan.levels
         ],
         "warm_long": f.chat(max(plan.prompt_lengths), SEED_WARM),
         "warm_short": [f.chat(128, SEED_WARM + 1 + j) for j in range(n_warm)],
@@ -169,7 +182,8 @@ def workload(plan: Plan, model: str, single_name: str | None) -> dict[str, Any]:
     }
 
 
-def run_raw(plan: Plan, wl: dict[str, Any], model_dir: Path, work: Path, log: Path) -> dict[str, Any]:
+def raw_workload(plan: Plan, wl: dict[str, Any], model_dir: Path, work: Path) -> Path:
+    """The raw engine's share of the workload, as token ids, in a file for bench_engine.py."""
     ids = lambda ps: [p[1] for p in ps]  # noqa: E731
     raw_wl = {
         "main": str(model_dir / MAIN),
@@ -189,13 +203,89 @@ def run_raw(plan: Plan, wl: dict[str, Any], model_dir: Path, work: Path, log: Pa
         "single": ids(wl["single"]),
         "swap_prompt": wl["swap"][0][1],
     }
-    (work / "raw-workload.json").write_text(json.dumps(raw_wl))
+    path = work / "raw-workload.json"
+    path.write_text(json.dumps(raw_wl))
+    return path
+
+
+def run_raw(plan: Plan, workload_file: Path, work: Path, log: Path) -> dict[str, Any]:
     out = work / "raw-result.json"
     print("raw engine ceiling ...", flush=True)
-    cmd = [sys.executable, str(BENCH_DIR / "bench_engine.py"), "raw", str(work / "raw-workload.json"), str(out)]
+    cmd = [sys.executable, str(BENCH_DIR / "bench_engine.py"), "raw", str(workload_file), str(out)]
     error = run_child(cmd, log, plan.raw_timeout_s)
     res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     return {**res, "error": error} if error else res
+
+
+class RawPartner:
+    """The raw engine in a child process that runs one level pass when asked, so that its passes and this repo's
+    alternate level by level (`bench_engine.py raw-paired`). On a shared GPU host the speed of a decode step moved by
+    up to 2x within minutes; a ratio of passes run seconds apart is not at the mercy of that drift."""
+
+    def __init__(self, plan: Plan, workload_file: Path, work: Path, log: Path) -> None:
+        self.out, self.plan, self.error = work / "raw-result.json", plan, None
+        self._log = log.open("a")
+        cmd = [sys.executable, str(BENCH_DIR / "bench_engine.py"), "raw-paired", str(workload_file), str(self.out)]
+        self._log.write(f"\n$ {' '.join(cmd)}\n")
+        self._log.flush()
+        print("raw engine ceiling (paired with this repo's passes) ...", flush=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            preexec_fn=die_with_parent,
+            env={**os.environ, **OFFLINE_ENV},
+        )
+        self._ask(None, plan.startup_timeout_s + plan.raw_timeout_s / 4)
+
+    def _ask(self, cmd: dict[str, Any] | None, timeout_s: float) -> dict[str, Any] | None:
+        """Send one command (None: only read) and wait for its answer; on any failure the partner is dropped and
+        the passes it did not run are left to `finish`'s error."""
+        if self.error is not None:
+            return None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            if cmd is not None:
+                self.proc.stdin.write(json.dumps(cmd) + "\n")
+                self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+            line = self.proc.stdout.readline() if ready else ""
+            if not line:
+                raise RuntimeError(f"no answer in {timeout_s:.0f}s" if not ready else "it exited")
+            answer: dict[str, Any] = json.loads(line)
+            return answer
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.error = f"the raw engine failed: {exc} (see {Path(self._log.name).name})"
+            self.proc.kill()
+            return None
+
+    def run_pass(self, level: int, k: int) -> None:
+        self._ask({"level": level, "pass": k}, self.plan.level_timeout_s * 2)
+
+    def finish(self) -> dict[str, Any]:
+        """The passes not yet run, the probes, and the raw part's result."""
+        self._ask({"finish": True}, self.plan.raw_timeout_s)
+        self.proc.wait(timeout=60)
+        self._log.close()
+        res: dict[str, Any] = json.loads(self.out.read_text()) if self.out.exists() else {}
+        return {**res, "error": self.error} if self.error else res
+
+
+def _level_key(lv: dict[str, Any]) -> tuple[int, int]:
+    return lv["prompt_tokens"], lv.get("concurrency", 1)
+
+
+def _union(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Level rows of both, `new` replacing `old`'s rows of the same level, in plan order."""
+    mine = {_level_key(lv) for lv in new}
+    return sorted([lv for lv in old if _level_key(lv) not in mine] + list(new), key=_level_key)
+
+
+def merge_levels(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A part's new result with the levels of its earlier result that this run did not measure (--lengths)."""
+    return {**new, **{key: _union(old.get(key, []), new.get(key, [])) for key in ("levels", "stream")}}
 
 
 def _terminate(signum: int, _frame: Any) -> None:
@@ -209,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(parts) - set(PARTS):
         raise SystemExit(f"unknown part(s) {sorted(unknown)}; known: {', '.join(PARTS)}")
     plan = dataclasses.replace(make_plan(args.size, args.tiny), passes=max(1, args.passes))
+    if args.lengths:
+        lengths = {int(n) for n in args.lengths.split(",")}
+        plan = dataclasses.replace(plan, levels=tuple(lv for lv in plan.levels if lv.prompt_tokens in lengths))
+        if not plan.levels:
+            raise SystemExit(f"no level has a prompt length in {sorted(lengths)}")
     out, models = args.out.resolve(), args.models.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
@@ -242,15 +337,19 @@ def _run(
     link_models(built, model_dir)
     info = {"main": describe(Path(built["main"])), "single": built["single"] and describe(Path(built["single"]))}
     notes: list[str] = []
-    plan = fit_memory(plan, info["main"], notes)
+    paired = "raw" in parts and "mlx_router" in parts
+    plan = fit_memory(plan, info["main"], notes, 2 if paired else 1)
     wl = workload(plan, built["main"], "bench-q4" if built["single"] else None)
     json_path = out / f"{name}.json"
     res: dict[str, Any] = {"raw": {}, "servers": {}}
     merged: list[str] = []
+    old: dict[str, Any] = {"raw": {}, "servers": {}}
+    plan_levels = dataclasses.asdict(plan)["levels"]
     if args.merge and json_path.exists():
         old = json.loads(json_path.read_text())
         res.update(raw=old["raw"], servers=old["servers"])
         merged = [*old["meta"]["merged"], old["meta"]["command"]]
+        plan_levels = _union(old["meta"]["plan"]["levels"], plan_levels)
     res["meta"] = {
         "merged": merged,
         "command": command,
@@ -259,7 +358,8 @@ def _run(
         "tiny": args.tiny,
         "hardware": hardware_info(),
         "model": info,
-        "plan": dataclasses.asdict(plan),
+        "plan": {**dataclasses.asdict(plan), "levels": plan_levels},
+        "paired": paired,
     }
     res["notes"] = notes
 
@@ -271,19 +371,27 @@ def _run(
         return md
 
     now = lambda: dt.datetime.now().isoformat(timespec="seconds")  # noqa: E731
+    raw_start, partner = now(), None
     if "raw" in parts:
-        start = now()
-        res["raw"] = {**run_raw(plan, wl, model_dir, work, log), "ran": [start, now()]}
-        save()
+        raw_file = raw_workload(plan, wl, model_dir, work)
+        if paired:
+            partner = RawPartner(plan, raw_file, work, log)
+        else:
+            res["raw"] = merge_levels(old["raw"], {**run_raw(plan, raw_file, work, log), "ran": [raw_start, now()]})
+            save()
     for key in (p for p in PARTS[1:] if p in parts):
         start = now()
         why = check_peer(args.peer_site) if key == "mlx_router_231" else None
-        res["servers"][key] = (
+        pair = partner.run_pass if partner and key == "mlx_router" else None
+        result = (
             {"status": "skipped", "reason": why}
             if why
-            else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site)
+            else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site, pair)
         )
-        res["servers"][key]["ran"] = [start, now()]
+        res["servers"][key] = merge_levels(old["servers"].get(key, {}), {**result, "ran": [start, now()]})
+        if partner and key == "mlx_router":  # the raw part ends before any peer starts: its memory is returned
+            res["raw"] = merge_levels(old["raw"], {**partner.finish(), "ran": [raw_start, now()]})
+            partner = None
         save()
     md = save()
     print(f"\nwrote {out / (name + '.md')} and {json_path}\n", flush=True)

@@ -249,12 +249,13 @@ class ReqResult:
 
 def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
     """Several passes of one level as one: the pass with the median aggregate tokens/s (the lower middle of an even
-    count), so every figure of a row comes from one pass, plus every pass's aggregate and TTFT p50."""
+    count), so every figure of a row comes from one pass, plus every pass's aggregate, TTFT p50 and decode rate."""
     ranked = sorted(passes, key=lambda s: s["aggregate_tok_s"] or 0.0)
     return {
         **ranked[(len(ranked) - 1) // 2],
         "passes_aggregate_tok_s": [s["aggregate_tok_s"] for s in passes],
         "passes_ttft_p50_s": [s["ttft_p50_s"] for s in passes],
+        "passes_decode_tok_s_p50": [s["decode_tok_s_p50"] for s in passes],
     }
 
 

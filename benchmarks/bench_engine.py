@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py build SIZE TINY MODELS_DIR OUT.json   # build (or reuse) the benchmark models
     python benchmarks/bench_engine.py raw WORKLOAD.json OUT.json            # the raw ceiling, no HTTP
+    python benchmarks/bench_engine.py raw-paired WORKLOAD.json OUT.json     # the same, one pass per stdin command
 
 Models come from `helper_tools.tiny_models.build_random_model` (random weights), the 4-bit copy from `mlx_lm.convert`.
 The raw ceiling runs mlx-lm's `stream_generate` and `BatchGenerator` on the very token ids the servers get as chat
@@ -63,7 +64,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 MARKER = ".bench-build.json"  # written last: a folder without it is an interrupted build
-SAMPLER: Any = None  # set by raw(): the workload's temperature, one sampler shared by every sequence
+SAMPLER: Any = None  # set by RawCeiling: the workload's temperature, one sampler shared by every sequence
 
 
 def _reuse_or_build(dest: Path, want: dict[str, Any], make: Any) -> str:
@@ -178,68 +179,117 @@ def prefix(model: Any, tok: Any, prompts: list[list[int]]) -> dict[str, Any]:
     return {"prompt_tokens": len(prompts[0]), "cold_ttft_s": cold, "warm_ttft_s": median(warm), "warm_runs": warm}
 
 
-def raw(work: dict[str, Any], out_path: Path) -> None:
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.sample_utils import make_sampler
+class RawCeiling:
+    """The raw engine on one workload: load and warm-up, then level passes in any order, then the probes."""
 
-    global SAMPLER
-    SAMPLER = make_sampler(work["temperature"], top_p=1.0)
-    n_out = work["output_tokens"]
-    res: dict[str, Any] = {"device": str(mx.default_device()), "levels": [], "stream": []}
+    def __init__(self, work: dict[str, Any], out_path: Path) -> None:
+        import mlx.core as mx
+        from mlx_lm.sample_utils import make_sampler
 
-    def save(what: str) -> None:
-        out_path.write_text(json.dumps(res, indent=1))
-        print(f"raw: {what}", flush=True)
+        global SAMPLER
+        SAMPLER = make_sampler(work["temperature"], top_p=1.0)
+        self.work, self.out_path = work, out_path
+        self.res: dict[str, Any] = {"device": str(mx.default_device()), "levels": [], "stream": []}
+        self.passes: dict[tuple[int, int], tuple[dict[str, Any] | None, dict[str, Any]]] = {}
+        self.model, self.tok, self.res["load_first_s"] = self._fresh(work["main"])
+        for p in (work["warm_long"], work["warm_short"][0]):  # compile kernels before anything is timed
+            _stream(self.model, self.tok, p, 4)
+        for c in work["warm_concurrencies"]:
+            closed_loop(self.model, self.tok, work["warm_short"][:c], c, 4)
+        mx.clear_cache()  # a paired server loads next: it needs the memory the warm-up left cached
+        self.save("warmed up")
 
-    def fresh(path: str) -> tuple[Any, Any, float]:
+    def save(self, what: str) -> None:
+        self.out_path.write_text(json.dumps(self.res, indent=1))
+        print(f"raw: {what}", flush=True, file=sys.stderr)
+
+    def _fresh(self, path: str) -> tuple[Any, Any, float]:
+        import mlx.core as mx
+        from mlx_lm import load
+
         gc.collect()
         mx.clear_cache()
         t = time.perf_counter()
         model, tok = load(path)[:2]
         return model, tok, time.perf_counter() - t
 
-    model, tok, res["load_first_s"] = fresh(work["main"])
-    for p in (work["warm_long"], work["warm_short"][0]):  # compile kernels before anything is timed
-        _stream(model, tok, p, 4)
-    for c in work["warm_concurrencies"]:
-        closed_loop(model, tok, work["warm_short"][:c], c, 4)
-    save("warmed up")
-    for lv in work["levels"]:
-        n = len(lv["prompts"]) // work["passes"]
-        batches = [lv["prompts"][k * n : (k + 1) * n] for k in range(work["passes"])]
-        if lv["concurrency"] == 1:  # the single-stream ceiling: stream_generate on the same prompts
-            streams = []
-            for batch in batches:
-                rs = [_stream(model, tok, p, n_out) for p in batch]
-                streams.append(summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out))
-            res["stream"].append({"prompt_tokens": lv["prompt_tokens"], **median_pass(streams)})
-        summary = median_pass([closed_loop(model, tok, batch, lv["concurrency"], n_out) for batch in batches])
-        res["levels"].append({"prompt_tokens": lv["prompt_tokens"], "concurrency": lv["concurrency"], **summary})
-        save(f"{lv['prompt_tokens']}x{lv['concurrency']}: {summary['passes_aggregate_tok_s']} tok/s")
-    res["prefix"] = prefix(model, tok, work["prefix"])
-    save(f"prefix {res['prefix']['cold_ttft_s']:.3f}s -> {res['prefix']['warm_ttft_s']:.3f}s")
-    if work["single_model"]:  # the 4-bit model: single stream, after one unmeasured request
+    def run_pass(self, level: int, k: int) -> float | None:
+        """Pass `k` of level `level` (its k-th batch of prompts); its aggregate tok/s. At concurrency 1 it also runs
+        the single-stream ceiling, `stream_generate`, on the same prompts."""
+        import mlx.core as mx
+
+        lv, n_out = self.work["levels"][level], self.work["output_tokens"]
+        n = len(lv["prompts"]) // self.work["passes"]
+        batch = lv["prompts"][k * n : (k + 1) * n]
+        stream = None
+        if lv["concurrency"] == 1:
+            rs = [_stream(self.model, self.tok, p, n_out) for p in batch]
+            stream = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
+        self.passes[level, k] = (stream, closed_loop(self.model, self.tok, batch, lv["concurrency"], n_out))
+        mx.clear_cache()  # another process (a paired server) may need the memory next
+        return self.passes[level, k][1]["aggregate_tok_s"]
+
+    def finish(self) -> None:
+        """Any pass not yet run, every level's median pass, then the prefix, single-stream and swap probes."""
+        work = self.work
+        for i, lv in enumerate(work["levels"]):
+            for k in range(work["passes"]):
+                if (i, k) not in self.passes:
+                    self.run_pass(i, k)
+            loops = [self.passes[i, k][1] for k in range(work["passes"])]
+            streams = [s for k in range(work["passes"]) if (s := self.passes[i, k][0]) is not None]
+            if streams:
+                self.res["stream"].append({"prompt_tokens": lv["prompt_tokens"], **median_pass(streams)})
+            summary = median_pass(loops)
+            self.res["levels"].append(
+                {"prompt_tokens": lv["prompt_tokens"], "concurrency": lv["concurrency"], **summary}
+            )
+            self.save(f"{lv['prompt_tokens']}x{lv['concurrency']}: {summary['passes_aggregate_tok_s']} tok/s")
+        model, tok, res = self.model, self.tok, self.res
+        res["prefix"] = prefix(model, tok, work["prefix"])
+        self.save(f"prefix {res['prefix']['cold_ttft_s']:.3f}s -> {res['prefix']['warm_ttft_s']:.3f}s")
+        if work["single_model"]:  # the 4-bit model: single stream, after one unmeasured request
+            del model, tok
+            self.model = self.tok = None
+            model, tok, _ = self._fresh(work["single_model"])
+            _stream(model, tok, work["warm_short"][0], 4)
+            n_out = work["output_tokens"]
+            rs = [_stream(model, tok, p, n_out) for p in work["single"]]
+            res["single"] = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
+            self.save(f"single model: {res['single']['decode_tok_s_p50'] or 0:.1f} tok/s")
+        # Swap ceiling: a warm process drops its model, loads the other copy from disk and serves one request.
         del model, tok
-        model, tok, _ = fresh(work["single_model"])
-        _stream(model, tok, work["warm_short"][0], 4)
-        rs = [_stream(model, tok, p, n_out) for p in work["single"]]
-        res["single"] = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
-        save(f"single model: {res['single']['decode_tok_s_p50'] or 0:.1f} tok/s")
-    # Swap ceiling: a warm process drops its model, loads the other copy from disk and serves one request.
-    del model, tok
-    model, tok, res["swap_load_s"] = fresh(work["swap_b"])
-    res["swap_first_ttft_s"] = _stream(model, tok, work["swap_prompt"], 4).ttft
-    res["swap_ceiling_s"] = res["swap_load_s"] + res["swap_first_ttft_s"]
-    save(f"swap: load {res['swap_load_s']:.2f}s + first TTFT {res['swap_first_ttft_s']:.3f}s")
+        self.model = self.tok = None
+        model, tok, res["swap_load_s"] = self._fresh(work["swap_b"])
+        res["swap_first_ttft_s"] = _stream(model, tok, work["swap_prompt"], 4).ttft
+        res["swap_ceiling_s"] = res["swap_load_s"] + res["swap_first_ttft_s"]
+        self.save(f"swap: load {res['swap_load_s']:.2f}s + first TTFT {res['swap_first_ttft_s']:.3f}s")
+
+
+def serve_passes(ceiling: RawCeiling) -> None:
+    """Paired mode: one JSON command per stdin line, one JSON answer per stdout line. `{"level": i, "pass": k}` runs
+    that pass; `{"finish": true}` (or the end of stdin) runs what is left and the probes, then exits."""
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("finish"):
+            break
+        rate = ceiling.run_pass(cmd["level"], cmd["pass"])
+        print(json.dumps({"aggregate_tok_s": rate}), flush=True)
+    ceiling.finish()
+    print(json.dumps({"finished": True}), flush=True)
 
 
 def main(argv: list[str]) -> int:
     if argv[0] == "build":
         size, tiny, models_dir, out = argv[1], argv[2] == "1", Path(argv[3]), Path(argv[4])
         out.write_text(json.dumps(build(size, tiny, models_dir)))
-    elif argv[0] == "raw":
-        raw(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+    elif argv[0] in ("raw", "raw-paired"):
+        ceiling = RawCeiling(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+        if argv[0] == "raw":
+            ceiling.finish()
+        else:
+            serve_passes(ceiling)
     else:
         raise SystemExit(__doc__)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +18,10 @@ from bench_servers import MAIN, ServerProcess, ServerSpec, free_port, make_spec
 from openai import AsyncOpenAI
 
 Messages = list[dict[str, str]]
+PairedPass = Callable[[int, int], None]  # runs the raw engine's pass k of level i (bench.RawPartner.run_pass)
+# Before a paired raw pass: this repo returns MLX's cached buffers after 2 s idle (EngineOptions.idle_release_s),
+# and the raw engine's process, on the same GPU, may need that memory.
+PAIR_SETTLE_S = 3.0
 
 
 async def one_request(client: AsyncOpenAI, model: str, messages: Messages, max_tokens: int, temp: float) -> ReqResult:
@@ -101,8 +106,10 @@ class Suite:
     """One server through the plan: warm-up, load levels, prefix probe, single-stream model, swap probe. One client
     serves them all, so connection set-up and the SDK's first-use costs fall in the warm-up."""
 
-    def __init__(self, spec: ServerSpec, proc: ServerProcess, wl: dict[str, Any], plan: Plan) -> None:
-        self.spec, self.proc, self.wl, self.plan = spec, proc, wl, plan
+    def __init__(
+        self, spec: ServerSpec, proc: ServerProcess, wl: dict[str, Any], plan: Plan, pair: PairedPass | None = None
+    ) -> None:
+        self.spec, self.proc, self.wl, self.plan, self.pair = spec, proc, wl, plan, pair
         self.main = spec.names[MAIN]
         self.notes: list[str] = []
         self.client = self._new_client()
@@ -152,7 +159,7 @@ class Suite:
     async def levels(self) -> list[dict[str, Any]]:
         plan, out = self.plan, []
         stopped: set[int] = set()  # prompt lengths whose higher concurrencies are skipped
-        for lv, prompts in zip(plan.levels, self.wl["levels"], strict=True):
+        for i, (lv, prompts) in enumerate(zip(plan.levels, self.wl["levels"], strict=True)):
             if lv.prompt_tokens in stopped:
                 continue
             if self.spec.serial and lv.concurrency > plan.serial_max_concurrency:
@@ -164,6 +171,8 @@ class Suite:
             passes, timed_out = [], False
             for k in range(plan.passes):
                 batch = prompts[k * lv.requests : (k + 1) * lv.requests]
+                if self.pair and k % 2 == 0:  # paired passes alternate which side goes first
+                    await self._paired_pass(i, k)
                 rs, wall, timed_out = await closed_loop(
                     self.client,
                     self.main,
@@ -174,6 +183,8 @@ class Suite:
                     plan.level_timeout_s,
                 )
                 passes.append(summarize(rs, wall, lv.requests, plan.output_tokens))
+                if self.pair and k % 2 == 1:
+                    await self._paired_pass(i, k)
                 p = passes[-1]
                 print(
                     f"  {self.spec.key} {lv.prompt_tokens}x{lv.concurrency} (pass {k + 1}/{plan.passes}): "
@@ -204,6 +215,11 @@ class Suite:
                     self.notes.append(f"restart failed: {failed}")
                     break
         return out
+
+    async def _paired_pass(self, level: int, k: int) -> None:
+        assert self.pair is not None
+        await asyncio.sleep(PAIR_SETTLE_S)
+        await asyncio.to_thread(self.pair, level, k)
 
     async def probes(self) -> dict[str, Any]:
         plan, wl, t, client = self.plan, self.wl, self.plan.temperature, self.client
@@ -242,16 +258,24 @@ class Suite:
 
 
 def bench_server(
-    key: str, model_dir: Path, work: Path, wl: dict[str, Any], plan: Plan, logs: Path, peer_site: Path
+    key: str,
+    model_dir: Path,
+    work: Path,
+    wl: dict[str, Any],
+    plan: Plan,
+    logs: Path,
+    peer_site: Path,
+    pair: PairedPass | None = None,
 ) -> dict[str, Any]:
-    """Start one server, run the suite on it, stop it; the result is a row of the report, whatever happens."""
+    """Start one server, run the suite on it, stop it; the result is a row of the report, whatever happens. `pair`,
+    when given, runs the raw engine's pass of the same level and number next to each of this server's passes."""
     port = free_port()
     spec = make_spec(key, model_dir, work, port, plan.level_timeout_s * 2, plan.temperature, peer_site)
     result: dict[str, Any] = {"label": spec.label, "status": "ok", "flags": spec.flags, "command": " ".join(spec.argv)}
     proc = ServerProcess(spec, port, logs / f"server-{key}.log")
     print(f"{spec.label}: starting on port {port} ...", flush=True)
     proc.start()
-    suite = Suite(spec, proc, wl, plan)
+    suite = Suite(spec, proc, wl, plan, pair)
     try:
         asyncio.run(suite.run(result))
     except Exception as exc:  # a broken peer is a row in the table, not the end of the run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench_common import median
 from bench_servers import LABELS
 
 SELF, PEERS = "mlx_router", ("mlx_lm", "mlx_router_231")
@@ -198,6 +199,52 @@ def _probes(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def _paired(res: dict[str, Any]) -> list[str]:
+    """Each pass of this repo against the raw pass run next to it (bench.py pairs them level by level), and the
+    median of those ratios: the figure least moved by a host whose speed drifts between passes."""
+    raw, ours = res.get("raw", {}), res["servers"].get(SELF, {})
+    if not res["meta"].get("paired") or not ours.get("levels"):
+        return []
+    rows = []
+    for lv in ours["levels"]:
+        n, c = lv["prompt_tokens"], lv["concurrency"]
+        if c == 1:
+            rs = _find(raw.get("stream", []), n)
+            figures = [("decode tok/s", "passes_decode_tok_s_p50", True), ("TTFT p50", "passes_ttft_p50_s", False)]
+        else:
+            rs = _find(raw.get("levels", []), n, c)
+            figures = [("aggregate tok/s", "passes_aggregate_tok_s", True)]
+        for label, key, higher in figures:
+            theirs, mine = (rs or {}).get(key) or [], lv.get(key) or []
+            pairs = [(a, b) for a, b in zip(theirs, mine, strict=False) if a and b]
+            if not pairs:
+                continue
+            fmt = fr if higher else fs
+            if higher:  # a ratio; for a time, the difference (this repo - raw) says more than a ratio of ms
+                per = [b / a for a, b in pairs]
+                shown, mid = [f"{x:.2f}×" for x in per], f"{median(per):.2f}×"
+            else:
+                per = [b - a for a, b in pairs]
+                shown, mid = [f"{x * 1000:+.1f} ms" for x in per], f"{median(per) * 1000:+.1f} ms"
+            rows.append(
+                [
+                    f"{n}x{c}",
+                    label,
+                    ", ".join(fmt(a) for a, _ in pairs),
+                    ", ".join(fmt(b) for _, b in pairs),
+                    ", ".join(shown),
+                    mid,
+                ]
+            )
+    head = ["level", "figure", "raw passes", f"{LABELS[SELF]} passes", "per pass", "median"]
+    lead = (
+        "Each pass of this repo ran right after or before the raw engine's pass of the same level (alternating), "
+        "with the raw engine's process kept loaded and idle meanwhile. Per pass: this repo / raw for rates, this "
+        "repo - raw for times; c=1 compares with `stream_generate`."
+    )
+    return ["#### Paired passes", "", lead, "", *_table(head, rows), ""]
+
+
 def _spread(lv: dict[str, Any]) -> str:
     rates = lv.get("passes_aggregate_tok_s") or []
     return f" ({', '.join(fr(r) for r in rates)})" if len(rates) > 1 else ""
@@ -292,6 +339,7 @@ def render(res: dict[str, Any]) -> str:
         "",
         *_summary(res),
         "",
+        *_paired(res),
         *_detail(res),
         *_probes(res),
         "",

@@ -44,6 +44,7 @@ class EngineOptions:
     prefix_cache_bytes: int = 1 << 30
     prefill_step_size: int = 512
     max_prefill_hold: int = 8  # steps new requests may wait for the prompt batch under way to move on to decoding
+    idle_release_s: float = 2.0  # quiet seconds after which MLX's cached buffers go back to the system
 
 
 class RequestHandle:
@@ -242,8 +243,14 @@ class ModelEngine:
         _freeze_heap()
         logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
         _resolve(loop, ready, None)
+        quiet_since: float | None = time.monotonic()  # since when nothing ran; None once the cache was given back
         while True:
-            items = self._take_inbox(block=not w.busy and not w.waiting)
+            idle = not w.busy and not w.waiting
+            items = self._take_inbox(block=idle)
+            if idle and not items:
+                quiet_since = self._release_cache_when_quiet(quiet_since)
+                continue
+            quiet_since = time.monotonic()
             if _STOP in items:
                 unloaded: list[Event] = [Failed(GenerationFailed("the model was unloaded"))]
                 for h in [*(a.handle for a in w.running()), *w.waiting, *(i for i in items if i is not _STOP)]:
@@ -256,6 +263,18 @@ class ModelEngine:
                 self._fail_running(w, exc)
             w.outbox.flush()
             self.prefix_cache_bytes = w.cache.nbytes
+
+    def _release_cache_when_quiet(self, quiet_since: float | None) -> float | None:
+        """Give MLX's cached buffers back once the engine has been idle for `idle_release_s`.
+
+        MLX keeps the buffers of finished work for reuse, up to gigabytes after a burst of long prompts: memory that
+        other applications (unified memory on a Mac) or another process on the GPU cannot use while this model sits
+        idle. Back-to-back requests keep their cache; the first steps after a quiet spell allocate again.
+        """
+        if quiet_since is not None and time.monotonic() - quiet_since >= self.options.idle_release_s:
+            _clear_mlx_cache()
+            return None
+        return quiet_since
 
     def _new_worker(self, model: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop) -> _Worker:
         self._prompts = self._prompts.resolve_family(self.spec.config, tokenizer)
