@@ -350,6 +350,7 @@ def _run(
         res.update(raw=old["raw"], servers=old["servers"])
         merged = [*old["meta"]["merged"], old["meta"]["command"]]
         plan_levels = _union(old["meta"]["plan"]["levels"], plan_levels)
+        paired = paired or (old["meta"].get("paired", False) and not {"raw", "mlx_router"} & set(parts))
     res["meta"] = {
         "merged": merged,
         "command": command,
@@ -377,7 +378,8 @@ def _run(
         if paired:
             partner = RawPartner(plan, raw_file, work, log)
         else:
-            res["raw"] = merge_levels(old["raw"], {**run_raw(plan, raw_file, work, log), "ran": [raw_start, now()]})
+            raw_res = {**run_raw(plan, raw_file, work, log), "ran": [raw_start, now()], "passes": plan.passes}
+            res["raw"] = merge_levels(old["raw"], raw_res)
             save()
     for key in (p for p in PARTS[1:] if p in parts):
         start = now()
@@ -388,9 +390,12 @@ def _run(
             if why
             else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site, pair)
         )
-        res["servers"][key] = merge_levels(old["servers"].get(key, {}), {**result, "ran": [start, now()]})
+        res["servers"][key] = merge_levels(
+            old["servers"].get(key, {}), {**result, "ran": [start, now()], "passes": plan.passes}
+        )
         if partner and key == "mlx_router":  # the raw part ends before any peer starts: its memory is returned
-            res["raw"] = merge_levels(old["raw"], {**partner.finish(), "ran": [raw_start, now()]})
+            raw_res = {**partner.finish(), "ran": [raw_start, now()], "passes": plan.passes}
+            res["raw"] = merge_levels(old["raw"], raw_res)
             partner = None
         save()
     md = save()

@@ -250,7 +250,8 @@ def _spread(lv: dict[str, Any]) -> str:
     return f" ({', '.join(fr(r) for r in rates)})" if len(rates) > 1 else ""
 
 
-def _header(meta: dict[str, Any]) -> list[str]:
+def _header(res: dict[str, Any]) -> list[str]:
+    meta = res["meta"]
     hw, plan = meta["hardware"], meta["plan"]
     gpu = f"GPU: {hw['gpu']}" if hw.get("gpu") else "no GPU"
 
@@ -281,8 +282,16 @@ def _header(meta: dict[str, Any]) -> list[str]:
             "aggregate tok/s (all passes' aggregates in brackets)"
             if plan.get("passes", 1) > 1
             else ""
-        ),
+        )
+        + _passes_by_part(res, plan.get("passes", 1)),
     ]
+
+
+def _passes_by_part(res: dict[str, Any], last: int) -> str:
+    """Parts merged from runs with another --passes than the last command's."""
+    parts = [("raw", res.get("raw", {})), *res["servers"].items()]
+    other = [f"{LABELS.get(k, k)}: {p['passes']}" for k, p in parts if p.get("passes", last) != last]
+    return f" (passes per level where another run gave them: {', '.join(other)})" if other else ""
 
 
 def _notes(res: dict[str, Any]) -> list[str]:
@@ -333,7 +342,7 @@ def render(res: dict[str, Any]) -> str:
     parts = [
         f"### Results: {meta['size']}{' (tiny)' if meta.get('tiny') else ''}",
         "",
-        *_header(meta),
+        *_header(res),
         "",
         "#### Summary",
         "",
