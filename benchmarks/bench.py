@@ -135,9 +135,10 @@ def describe(folder: Path) -> dict[str, Any]:
 
 
 def fit_memory(plan: Plan, model: dict[str, Any], notes: list[str], copies: int) -> Plan:
-    """Drop levels whose KV cache (twice: batching copies it) plus weights (`copies` of them: a paired raw engine
-    keeps its own) would pass 80% of the GPU's memory: MLX's CUDA backend uses managed memory, and oversubscribing it
-    can hang the GPU instead of failing."""
+    """Drop levels whose KV cache (twice: batching copies it) plus weights would pass 80% of the GPU's memory: MLX's
+    CUDA backend uses managed memory, and oversubscribing it can hang the GPU instead of failing. `copies`: a paired
+    raw engine is a second process with its own weights and KV cache, and what one process frees is not reliably
+    handed back to the device for the other (CUDA's stream-ordered pool keeps it; seen on an H100)."""
     total = gpu_memory_gb()
     if total is None:
         return plan
@@ -147,13 +148,13 @@ def fit_memory(plan: Plan, model: dict[str, Any], notes: list[str], copies: int)
     keep = []
     for lv in plan.levels:
         kv = 2 * lv.concurrency * (lv.prompt_tokens + plan.output_tokens) * per_token
-        need = copies * model["weight_gb"] + 4 + kv
+        need = copies * (model["weight_gb"] + kv) + 4
         if need <= 0.8 * total:
             keep.append(lv)
         else:
             notes.append(
-                f"{lv.prompt_tokens}x{lv.concurrency} not run: ~{need:.0f} GB ({copies}x weights, 2x KV cache, 4 GB) "
-                f"> 80% of the GPU's {total:.0f} GB"
+                f"{lv.prompt_tokens}x{lv.concurrency} not run: ~{need:.0f} GB ({copies}x (weights + 2x KV cache), "
+                f"4 GB) > 80% of the GPU's {total:.0f} GB"
             )
     return dataclasses.replace(plan, levels=tuple(keep))
 
@@ -262,7 +263,15 @@ class RawPartner:
             return None
 
     def run_pass(self, level: int, k: int) -> None:
-        self._ask({"level": level, "pass": k}, self.plan.level_timeout_s * 2)
+        """Raises once the raw engine has failed: without it the server's passes have nothing to pair with."""
+        answer = self._ask({"level": level, "pass": k}, self.plan.level_timeout_s * 2)
+        if answer is not None:
+            print(
+                f"  raw level {level} (pass {k + 1}/{self.plan.passes}): {answer['aggregate_tok_s']:.1f} tok/s",
+                flush=True,
+            )
+        if self.error is not None:
+            raise RuntimeError(self.error)
 
     def finish(self) -> dict[str, Any]:
         """The passes not yet run, the probes, and the raw part's result."""

@@ -580,3 +580,6 @@ def _clear_mlx_cache() -> None:
     import mlx.core as mx
 
     mx.clear_cache()
+    # On CUDA the freed buffers go back to a stream-ordered pool, which hands memory back to the device only at a
+    # synchronization; without one, an idle process keeps holding it.
+    mx.synchronize()
