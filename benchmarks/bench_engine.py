@@ -197,7 +197,6 @@ class RawCeiling:
         for c in work["warm_concurrencies"]:
             closed_loop(self.model, self.tok, work["warm_short"][:c], c, 4)
         mx.clear_cache()  # a paired server loads next: it needs the memory the warm-up left cached
-        mx.synchronize()  # CUDA's memory pool hands freed memory back only at a synchronization
         self.save("warmed up")
 
     def save(self, what: str) -> None:
@@ -228,7 +227,6 @@ class RawCeiling:
             stream = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
         self.passes[level, k] = (stream, closed_loop(self.model, self.tok, batch, lv["concurrency"], n_out))
         mx.clear_cache()  # another process (a paired server) may need the memory next
-        mx.synchronize()
         return self.passes[level, k][1]["aggregate_tok_s"]
 
     def finish(self) -> None:

@@ -524,3 +524,14 @@ def test_an_idle_engine_gives_mlx_cached_buffers_back(model_dir: Path) -> None:
     after_work, left, released_after = asyncio.run(run())
     assert after_work > 0 and left == 0
     assert 0.2 < released_after < 5  # not at once: back-to-back requests keep reusing the cache
+
+
+def test_prefill_chunks_are_sized_by_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU pays a fixed launch per chunk (2,048 tokens, mlx-lm's default); on the CPU backend smaller chunks win.
+    import mlx.core as mx
+
+    from mlx_router.core.engine import _prefill_step_for
+
+    assert mx.default_device() == mx.cpu and _prefill_step_for() == 512
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert _prefill_step_for() == 2048
