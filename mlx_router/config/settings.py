@@ -86,6 +86,9 @@ class DefaultsConfig(_Frozen):
     max_batch_size: int = Field(default=32, ge=1, description="Most sequences decoded together by one model.")
     max_queued_requests: int = Field(default=64, ge=1, description="Most requests waiting per model.")
     prefix_cache_gb: float | None = Field(default=None, ge=0, description="Prompt prefix cache; null: automatic.")
+    idle_cache_release_s: float | None = Field(
+        default=2.0, ge=0, description="Idle seconds before a model gives MLX's cached buffers back; null: never."
+    )
 
     @field_validator("swap_high_percent")
     @classmethod

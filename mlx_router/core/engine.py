@@ -44,7 +44,7 @@ class EngineOptions:
     prefix_cache_bytes: int = 1 << 30
     prefill_step_size: int | None = None  # prompt tokens per prefill chunk; None: by backend (_prefill_step_for)
     max_prefill_hold: int = 8  # steps new requests may wait for the prompt batch under way to move on to decoding
-    idle_release_s: float = 2.0  # quiet seconds after which MLX's cached buffers go back to the system
+    idle_release_s: float | None = 2.0  # quiet seconds before MLX's cached buffers go back to the system; None: never
 
 
 class RequestHandle:
@@ -272,7 +272,8 @@ class ModelEngine:
         keep their cache; the first steps after a quiet spell allocate again. (On CUDA, MLX frees into a
         stream-ordered pool, which did not always hand the memory back to the device for other processes.)
         """
-        if quiet_since is not None and time.monotonic() - quiet_since >= self.options.idle_release_s:
+        after = self.options.idle_release_s
+        if quiet_since is not None and after is not None and time.monotonic() - quiet_since >= after:
             _clear_mlx_cache()
             return None
         return quiet_since

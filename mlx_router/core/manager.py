@@ -353,6 +353,7 @@ class MLXModelManager:
             timeout=d.timeout,
             warmup_tokens=d.warmup_tokens,
             prefix_cache_bytes=int(prefix_gb * GiB),
+            idle_release_s=d.idle_cache_release_s,
         )
 
 

@@ -535,3 +535,19 @@ def test_prefill_chunks_are_sized_by_backend(monkeypatch: pytest.MonkeyPatch) ->
     assert mx.default_device() == mx.cpu and _prefill_step_for() == 512
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     assert _prefill_step_for() == 2048
+
+
+def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Path) -> None:
+    import mlx.core as mx
+
+    async def run() -> int:
+        engine = ModelEngine(read_model_spec("random", model_dir / "random"), EngineOptions(idle_release_s=None))
+        await engine.start()
+        _, done = await collect(engine.submit(request("hello there", 8)))
+        assert isinstance(done, Done)
+        await asyncio.sleep(2.6)  # past the default release (2 s, polled every 0.5 s)
+        kept = mx.get_cache_memory()
+        await engine.stop()
+        return kept
+
+    assert asyncio.run(run()) > 0

@@ -24,9 +24,12 @@ class FakeEngine:
     """Loads after an optional gate; answers every request with its model id."""
 
     log: ClassVar[list[str]] = []
+    made: ClassVar[list[FakeEngine]] = []
 
     def __init__(self, spec: ModelSpec, options: EngineOptions) -> None:
         self.spec = spec
+        self.options = options
+        FakeEngine.made.append(self)
         self.in_flight = 0
         self.prefix_cache_bytes = 0
 
@@ -64,7 +67,7 @@ def settings(root: Path, **defaults: Any) -> Settings:
 
 def manager(tmp_path: Path, **defaults: Any) -> MLXModelManager:
     write_models(tmp_path / "m", ["a", "b", "c", "fail-x"])
-    FakeEngine.log = []
+    FakeEngine.log, FakeEngine.made = [], []
     return MLXModelManager(
         settings(tmp_path, **defaults),
         engine_factory=FakeEngine,
@@ -202,5 +205,18 @@ def test_unload_frees_an_idle_model(tmp_path: Path) -> None:
         assert await mgr.unload("a") is True
         assert resident(mgr) == []
         assert await mgr.unload("a") is False
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("configured", "expected"), [({}, 2.0), ({"idle_cache_release_s": None}, None)])
+def test_engines_get_the_idle_cache_release_setting(
+    tmp_path: Path, configured: dict[str, Any], expected: float | None
+) -> None:
+    async def run() -> None:
+        mgr = manager(tmp_path, **configured)
+        await use(mgr, "a")
+        assert [e.options.idle_release_s for e in FakeEngine.made] == [expected]
+        await mgr.stop()
 
     asyncio.run(run())

@@ -46,6 +46,7 @@ def test_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (d.stream, d.stream_chunk_size, d.streaming_format, d.warmup_tokens) == (False, 1, "sse", 0)
     assert (d.enable_function_calling, d.model) == (True, None)
     assert (d.memory_budget_gb, d.max_batch_size, d.max_queued_requests, d.prefix_cache_gb) == (None, 32, 64, None)
+    assert d.idle_cache_release_s == 2.0
     srv = s.server
     assert (srv.ip, srv.port, srv.debug, srv.log_level, srv.log_dir, srv.cors_origins) == (
         "127.0.0.1",
