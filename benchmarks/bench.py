@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,11 @@ def run_raw(plan: Plan, workload_file: Path, work: Path, log: Path) -> dict[str,
     return {**res, "error": error} if error else res
 
 
+# Before a paired raw pass: this repo returns MLX's cached buffers after 2 s idle (defaults.idle_cache_release_s),
+# and the raw engine's process, on the same GPU, may need that memory.
+PAIR_SETTLE_S = 3.0
+
+
 class RawPartner:
     """The raw engine in a child process that runs one level pass when asked, so that its passes and this repo's
     alternate level by level (`bench_engine.py raw-paired`). On a shared GPU host the speed of a decode step moved by
@@ -265,6 +271,9 @@ class RawPartner:
     def run_pass(self, level: int, k: int) -> None:
         """Once the raw engine has failed (out of memory beside the server, say) this does nothing: the server's
         passes go on unpaired, and the raw part's result carries the error."""
+        if self.error is not None:
+            return
+        time.sleep(PAIR_SETTLE_S)  # on a worker thread (bench_load runs it with asyncio.to_thread)
         answer = self._ask({"level": level, "pass": k}, self.plan.level_timeout_s * 2)
         if answer is not None:
             print(

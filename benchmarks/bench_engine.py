@@ -191,7 +191,9 @@ class RawCeiling:
         self.work, self.out_path = work, out_path
         self.res: dict[str, Any] = {"device": str(mx.default_device()), "levels": [], "stream": []}
         self.passes: dict[tuple[int, int], tuple[dict[str, Any] | None, dict[str, Any]]] = {}
-        self.model, self.tok, self.res["load_first_s"] = self._fresh(work["main"])
+        self.model: Any = None
+        self.tok: Any = None
+        self.res["load_first_s"] = self._load(work["main"])
         for p in (work["warm_long"], work["warm_short"][0]):  # compile kernels before anything is timed
             _stream(self.model, self.tok, p, 4)
         for c in work["warm_concurrencies"]:
@@ -203,15 +205,17 @@ class RawCeiling:
         self.out_path.write_text(json.dumps(self.res, indent=1))
         print(f"raw: {what}", flush=True, file=sys.stderr)
 
-    def _fresh(self, path: str) -> tuple[Any, Any, float]:
+    def _load(self, path: str) -> float:
+        """Drop the model held (its memory returned first), load the one at `path`; the load's seconds."""
         import mlx.core as mx
         from mlx_lm import load
 
+        self.model = self.tok = None
         gc.collect()
         mx.clear_cache()
         t = time.perf_counter()
-        model, tok = load(path)[:2]
-        return model, tok, time.perf_counter() - t
+        self.model, self.tok = load(path)[:2]
+        return time.perf_counter() - t
 
     def run_pass(self, level: int, k: int) -> float | None:
         """Pass `k` of level `level` (its k-th batch of prompts); its aggregate tok/s. At concurrency 1 it also runs
@@ -245,23 +249,19 @@ class RawCeiling:
                 {"prompt_tokens": lv["prompt_tokens"], "concurrency": lv["concurrency"], **summary}
             )
             self.save(f"{lv['prompt_tokens']}x{lv['concurrency']}: {summary['passes_aggregate_tok_s']} tok/s")
-        model, tok, res = self.model, self.tok, self.res
-        res["prefix"] = prefix(model, tok, work["prefix"])
+        res = self.res
+        res["prefix"] = prefix(self.model, self.tok, work["prefix"])
         self.save(f"prefix {res['prefix']['cold_ttft_s']:.3f}s -> {res['prefix']['warm_ttft_s']:.3f}s")
         if work["single_model"]:  # the 4-bit model: single stream, after one unmeasured request
-            del model, tok
-            self.model = self.tok = None
-            model, tok, _ = self._fresh(work["single_model"])
-            _stream(model, tok, work["warm_short"][0], 4)
+            self._load(work["single_model"])
+            _stream(self.model, self.tok, work["warm_short"][0], 4)
             n_out = work["output_tokens"]
-            rs = [_stream(model, tok, p, n_out) for p in work["single"]]
+            rs = [_stream(self.model, self.tok, p, n_out) for p in work["single"]]
             res["single"] = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
             self.save(f"single model: {res['single']['decode_tok_s_p50'] or 0:.1f} tok/s")
         # Swap ceiling: a warm process drops its model, loads the other copy from disk and serves one request.
-        del model, tok
-        self.model = self.tok = None
-        model, tok, res["swap_load_s"] = self._fresh(work["swap_b"])
-        res["swap_first_ttft_s"] = _stream(model, tok, work["swap_prompt"], 4).ttft
+        res["swap_load_s"] = self._load(work["swap_b"])
+        res["swap_first_ttft_s"] = _stream(self.model, self.tok, work["swap_prompt"], 4).ttft
         res["swap_ceiling_s"] = res["swap_load_s"] + res["swap_first_ttft_s"]
         self.save(f"swap: load {res['swap_load_s']:.2f}s + first TTFT {res['swap_first_ttft_s']:.3f}s")
 

@@ -19,9 +19,6 @@ from openai import AsyncOpenAI
 
 Messages = list[dict[str, str]]
 PairedPass = Callable[[int, int], None]  # runs the raw engine's pass k of level i (bench.RawPartner.run_pass)
-# Before a paired raw pass: this repo returns MLX's cached buffers after 2 s idle (EngineOptions.idle_release_s),
-# and the raw engine's process, on the same GPU, may need that memory.
-PAIR_SETTLE_S = 3.0
 
 
 async def one_request(client: AsyncOpenAI, model: str, messages: Messages, max_tokens: int, temp: float) -> ReqResult:
@@ -172,7 +169,7 @@ class Suite:
             for k in range(plan.passes):
                 batch = prompts[k * lv.requests : (k + 1) * lv.requests]
                 if self.pair and k % 2 == 0:  # paired passes alternate which side goes first
-                    await self._paired_pass(i, k)
+                    await asyncio.to_thread(self.pair, i, k)
                 rs, wall, timed_out = await closed_loop(
                     self.client,
                     self.main,
@@ -184,7 +181,7 @@ class Suite:
                 )
                 passes.append(summarize(rs, wall, lv.requests, plan.output_tokens))
                 if self.pair and k % 2 == 1:
-                    await self._paired_pass(i, k)
+                    await asyncio.to_thread(self.pair, i, k)
                 p = passes[-1]
                 print(
                     f"  {self.spec.key} {lv.prompt_tokens}x{lv.concurrency} (pass {k + 1}/{plan.passes}): "
@@ -215,11 +212,6 @@ class Suite:
                     self.notes.append(f"restart failed: {failed}")
                     break
         return out
-
-    async def _paired_pass(self, level: int, k: int) -> None:
-        assert self.pair is not None
-        await asyncio.sleep(PAIR_SETTLE_S)
-        await asyncio.to_thread(self.pair, level, k)
 
     async def probes(self) -> dict[str, Any]:
         plan, wl, t, client = self.plan, self.wl, self.plan.temperature, self.client

@@ -526,15 +526,17 @@ def test_an_idle_engine_gives_mlx_cached_buffers_back(model_dir: Path) -> None:
     assert 0.2 < released_after < 5  # not at once: back-to-back requests keep reusing the cache
 
 
-def test_prefill_chunks_are_sized_by_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefill_chunks_are_sized_by_backend(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A GPU pays a fixed launch per chunk (2,048 tokens, mlx-lm's default); on the CPU backend smaller chunks win.
+    # An explicit size still wins over both.
     import mlx.core as mx
 
-    from mlx_router.core.engine import _prefill_step_for
-
-    assert mx.default_device() == mx.cpu and _prefill_step_for() == 512
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    assert _prefill_step_for() == 2048
+    with stepped_worker(model_dir, EngineOptions()) as (engine, w):
+        assert mx.default_device() == mx.cpu and w.gen.prefill_step_size == 512
+        monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+        assert engine._make_batch_generator(w.model, w.tokenizer).prefill_step_size == 2048
+    with stepped_worker(model_dir, EngineOptions(prefill_step_size=64)) as (_, w):
+        assert w.gen.prefill_step_size == 64
 
 
 def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Path) -> None:
