@@ -1,4 +1,7 @@
-"""Typed dependencies that read the objects `create_app` stored on app.state."""
+"""Typed dependencies that read the objects `create_app` stored on app.state.
+
+They are `async def` so FastAPI calls them inline: a plain `def` dependency runs in the thread pool, a thread hop
+(and a GIL hand-over with the engine threads) per dependency per request."""
 
 from __future__ import annotations
 
@@ -11,22 +14,22 @@ from ..core.manager import MLXModelManager
 from .middleware import RequestStats
 
 
-def _manager(request: Request) -> MLXModelManager:
+async def _manager(request: Request) -> MLXModelManager:
     manager: MLXModelManager = request.app.state.manager
     return manager
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _stats(request: Request) -> RequestStats:
+async def _stats(request: Request) -> RequestStats:
     stats: RequestStats = request.app.state.stats
     return stats
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     """The id the request-id middleware assigned (also sent back as X-Request-ID)."""
     return str(request.scope.get("state", {}).get("request_id", "-"))
 

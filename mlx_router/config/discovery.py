@@ -195,6 +195,17 @@ class ModelRegistry:
                 found = self._names.get(model_id)
             return self._specs[found] if found is not None else None
 
+    def known(self, model_id: str) -> ModelSpec | None:
+        """The model an id or alias names in the last scan, without touching the disk, so the event loop may call it;
+        None on a miss, and while a rescan holds the registry (then `resolve` in a worker thread answers)."""
+        if not is_safe_model_id(model_id) or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            found = self._names.get(model_id)
+            return self._specs[found] if found is not None else None
+        finally:
+            self._lock.release()
+
     def config_for(self, spec: ModelSpec) -> ModelConfig | None:
         """The ``models.<id>`` config entry of a model, by its id, else by one of its aliases."""
         for name in (spec.id, *spec.aliases):

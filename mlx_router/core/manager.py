@@ -163,8 +163,8 @@ class MLXModelManager:
         return int(gb * GiB) if gb is not None else int(self._memory_probe().total_bytes * 0.75)
 
     async def resolve(self, model_id: str) -> ModelSpec:
-        """The model's spec; a cached rescan runs in a worker thread so the event loop never blocks on disk."""
-        spec = await asyncio.to_thread(self.registry.resolve, model_id)
+        """The model's spec: a known id from memory, else a rescan in a worker thread (never blocking the loop)."""
+        spec = self.registry.known(model_id) or await asyncio.to_thread(self.registry.resolve, model_id)
         if spec is None:
             raise ModelNotFound(f"the model '{model_id}' does not exist", param="model")
         return spec

@@ -86,6 +86,20 @@ def test_flat_layout(tmp_path: Path) -> None:
     assert [s.id for s in registry.list()] == ["my-model", "other"]
 
 
+def test_known_answers_from_the_last_scan_without_disk_or_waiting(tmp_path: Path) -> None:
+    make_model(tmp_path / "my-model")
+    registry = ModelRegistry(settings_for(tmp_path))
+    assert registry.known("my-model") is None  # nothing scanned yet
+    spec = registry.resolve("my-model")
+    assert spec is not None and registry.known("my-model") is spec
+    make_model(tmp_path / "later")
+    assert registry.known("later") is None  # a miss never scans: resolve (in a worker thread) does
+    assert registry.known("../etc") is None
+    with registry._lock:  # a rescan in progress: answer "unknown" at once instead of blocking the loop
+        assert registry.known("my-model") is None
+    assert registry.known("my-model") is spec
+
+
 def test_model_folder_needs_config_weights_and_tokenizer(tmp_path: Path) -> None:
     folder = make_model(tmp_path / "m")
     assert is_model_folder(folder)
