@@ -31,16 +31,18 @@ class StreamError:
     body: dict[str, Any]
 
 
-async def frame(chunks: AsyncIterator[dict[str, Any] | StreamError], fmt: StreamingFormat) -> AsyncIterator[str]:
-    """Serialise chunks (and a final StreamError) in the configured format."""
+async def frame(chunks: AsyncIterator[str | StreamError], fmt: StreamingFormat) -> AsyncIterator[str]:
+    """Frame JSON chunks (and a final StreamError) in the configured format."""
     if fmt == "json_array":
-        yield json.dumps([c.body if isinstance(c, StreamError) else c async for c in chunks], ensure_ascii=False)
+        items = [json.dumps(c.body, ensure_ascii=False) if isinstance(c, StreamError) else c async for c in chunks]
+        yield "[" + ", ".join(items) + "]"
         return
     errored = False
     async for chunk in chunks:
-        errored = isinstance(chunk, StreamError)
-        data = json.dumps(chunk.body if isinstance(chunk, StreamError) else chunk, ensure_ascii=False)
-        yield f"data: {data}\n\n" if fmt == "sse" else data + "\n"
+        if isinstance(chunk, StreamError):
+            errored = True
+            chunk = json.dumps(chunk.body, ensure_ascii=False)
+        yield f"data: {chunk}\n\n" if fmt == "sse" else chunk + "\n"
     if fmt == "sse" and not errored:  # after an error event the stream just ends
         yield "data: [DONE]\n\n"
 

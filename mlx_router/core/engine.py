@@ -54,7 +54,7 @@ class RequestHandle:
         self.request = request
         self._loop = loop
         self._pending: deque[Event] = deque()
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # set while `next_event` waits for the engine
         self._cancelled = threading.Event()
 
     @property
@@ -71,12 +71,17 @@ class RequestHandle:
 
     def _receive(self, events: list[Event]) -> None:
         self._pending.extend(events)
-        self._wakeup.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next_event(self) -> Event:
+        # A bare future rather than an asyncio.Event: this runs once per streamed token of every request.
         while not self._pending:
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         return self._pending.popleft()
 
     def take_text(self, limit: int) -> list[TextDelta]:

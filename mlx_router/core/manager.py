@@ -89,9 +89,12 @@ class Generation:
     async def events(self) -> AsyncIterator[Event]:
         """Events after `Started`, up to and including Done or Failed."""
         try:
-            async for event in self.handle.events():
+            while True:
+                event = await self.handle.next_event()
                 if isinstance(event, Done | Failed):
                     self._finished = True
+                    yield event
+                    return
                 yield event
         finally:
             self.close()

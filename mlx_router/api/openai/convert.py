@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any
 
 from ...config.settings import DefaultsConfig, ModelConfig
@@ -199,50 +201,70 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
     }
 
 
+_MARK = "\x00text\x00"  # stands for a delta's text while the content-chunk template is cut
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
 @dataclass(slots=True)
 class ChunkWriter:
-    """Builds the chunks of one streamed chat completion."""
+    """Builds the chunks of one streamed chat completion, each as JSON text.
+
+    A plain content chunk (every token of most streams) is a prebuilt head and tail around the JSON string of its
+    text: about a fifth of the cost of serialising the whole chunk each time.
+    """
 
     completion_id: str
     model: str
     logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    _text_head: str = field(init=False, default="")
+    _text_tail: str = field(init=False, default="")
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": self.completion_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": choices,
-            **extra,
-        }
+    def __post_init__(self) -> None:
+        self._text_head, self._text_tail = self._chunk([self._choice({"content": _MARK})]).split(_json(_MARK))
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _json(
+            {
+                "id": self.completion_id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "system_fingerprint": None,
+                "choices": choices,
+                **extra,
+            }
+        )
 
     def _choice(self, delta: dict[str, Any], finish: FinishReason | None = None, lps: Any = None) -> dict[str, Any]:
         return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
 
-    def role(self) -> dict[str, Any]:
+    def role(self) -> str:
         return self._chunk([self._choice({"role": "assistant", "content": ""})])
 
-    def text(self, delta: TextDelta) -> dict[str, Any]:
-        lps = {"content": [logprob_entry(lp) for lp in delta.logprobs]} if self.logprobs else None
+    def text(self, delta: TextDelta) -> str:
+        if not self.logprobs:
+            return self._text_head + encode_basestring(delta.text) + self._text_tail
+        lps = {"content": [logprob_entry(lp) for lp in delta.logprobs]}
         return self._chunk([self._choice({"content": delta.text}, lps=lps)])
 
-    def reasoning(self, delta: ReasoningDelta) -> dict[str, Any]:
+    def reasoning(self, delta: ReasoningDelta) -> str:
         return self._chunk([self._choice({"reasoning_content": delta.text})])
 
-    def tool_call(self, delta: ToolCallDelta) -> dict[str, Any]:
+    def tool_call(self, delta: ToolCallDelta) -> str:
         call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
         if delta.id is not None:
             call.update(id=delta.id, type="function")
             call["function"]["name"] = delta.name
         return self._chunk([self._choice({"tool_calls": [call]})])
 
-    def finish(self, reason: FinishReason) -> dict[str, Any]:
+    def finish(self, reason: FinishReason) -> str:
         return self._chunk([self._choice({}, reason)])
 
-    def usage(self, usage: Usage) -> dict[str, Any]:
+    def usage(self, usage: Usage) -> str:
         return self._chunk([], usage=usage_dict(usage))
 
 

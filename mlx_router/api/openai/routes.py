@@ -17,7 +17,7 @@ from ..deps import ManagerDep, RequestIdDep, SettingsDep
 from ..sse import MEDIA_TYPES, ClientGone, frame, until_disconnect
 from .convert import KNOWN_FIELDS, ChunkWriter, to_generation_request
 from .schemas import ChatCompletionRequest
-from .serving import complete, stream_chunks
+from .serving import RequestTimer, complete, stream_chunks
 
 router = APIRouter(tags=["openai"])
 
@@ -27,9 +27,11 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: ManagerDep, settings: SettingsDep, rid: RequestIdDep
 ) -> Response:
     """Create a chat completion, streamed (SSE) or not, in OpenAI's wire format."""
+    timer = RequestTimer(body.model)
     if body.model_extra:
         logger.debug("ignoring unknown fields: {}", sorted(set(body.model_extra) - KNOWN_FIELDS))
     spec = await manager.resolve(body.model)
+    timer.model = spec.id
     greq = to_generation_request(
         body, request_id=rid, model_id=spec.id, defaults=settings.defaults, model_cfg=manager.registry.config_for(spec)
     )
@@ -39,7 +41,7 @@ async def chat_completions(
         generation = await until_disconnect(request, manager.start_generation(greq, spec))
         if not stream:
             result = await until_disconnect(
-                request, complete(generation, completion_id, spec.id, greq.sampling.logprobs)
+                request, complete(generation, completion_id, spec.id, greq.sampling.logprobs, timer)
             )
             return JSONResponse(result)
     except ClientGone:
@@ -48,7 +50,7 @@ async def chat_completions(
     writer = ChunkWriter(completion_id, spec.id, greq.sampling.logprobs)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = stream_chunks(
-        generation, writer, include_usage=include_usage, chunk_size=settings.defaults.stream_chunk_size
+        generation, writer, timer, include_usage=include_usage, chunk_size=settings.defaults.stream_chunk_size
     )
     fmt = settings.defaults.streaming_format
     return StreamingResponse(frame(chunks, fmt), media_type=MEDIA_TYPES[fmt], headers={"Cache-Control": "no-cache"})

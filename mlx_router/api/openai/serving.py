@@ -19,7 +19,8 @@ from .convert import ChunkWriter, CompletionBuilder
 
 @dataclass(slots=True)
 class RequestTimer:
-    """Timing for the one log line each request gets."""
+    """Timing for the one log line each request gets, from the handler's start: its TTFT counts resolving, queueing
+    and the prompt's prefill, as a client sees them."""
 
     model: str
     started: float = field(default_factory=time.perf_counter)
@@ -47,10 +48,11 @@ class RequestTimer:
         )
 
 
-async def complete(generation: Generation, completion_id: str, model: str, logprobs: bool) -> dict[str, Any]:
+async def complete(
+    generation: Generation, completion_id: str, model: str, logprobs: bool, timer: RequestTimer
+) -> dict[str, Any]:
     """Collect a whole non-streamed completion; raises the generation's error if it fails."""
     builder = CompletionBuilder(completion_id, model, logprobs)
-    timer = RequestTimer(model)
     async for event in generation.events():
         if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
             timer.token()
@@ -66,12 +68,12 @@ async def complete(generation: Generation, completion_id: str, model: str, logpr
 async def stream_chunks(
     generation: Generation,
     writer: ChunkWriter,
+    timer: RequestTimer,
     *,
     include_usage: bool,
     chunk_size: int,
-) -> AsyncIterator[dict[str, Any] | StreamError]:
-    """OpenAI chunks for a started generation: role first, then deltas, finish, optional usage."""
-    timer = RequestTimer(writer.model)
+) -> AsyncIterator[str | StreamError]:
+    """OpenAI chunks (JSON text) for a started generation: role first, then deltas, finish, optional usage."""
     yield writer.role()
     try:
         async for event in generation.events():
