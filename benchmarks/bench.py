@@ -1,7 +1,8 @@
 """One command: this server against its peers and the raw mlx-lm ceiling, on the same model and load, in one run.
 
     python benchmarks/bench.py --size cpu|gpu [--tiny] [--out DIR] [--models DIR] [--peer-site DIR]
-                               [--only raw,mlx_router,mlx_lm,mlx_router_231] [--merge]
+                               [--only raw,mlx_router,mlx_lm,mlx_router_231] [--passes N] [--lengths 128,2048]
+                               [--client-procs N] [--merge]
 
 Builds (or reuses) random-weight models with helper_tools/tiny_models.py, measures the raw engine in a child process,
 then starts each server in turn on a free loopback port, warms it up, runs the load levels and the prefix, single-
@@ -72,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--passes", type=int, default=1, help="run each level N times with new prompts and report the median pass"
     )
     p.add_argument("--lengths", default="", help="comma list: run only the levels of these prompt lengths")
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=None,
+        help="processes the load's clients are spread over (default: 4 for --size gpu, 1 for cpu)",
+    )
     p.add_argument(
         "--merge",
         action="store_true",
@@ -316,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(parts) - set(PARTS):
         raise SystemExit(f"unknown part(s) {sorted(unknown)}; known: {', '.join(PARTS)}")
     plan = dataclasses.replace(make_plan(args.size, args.tiny), passes=max(1, args.passes))
+    if args.client_procs is not None:
+        plan = dataclasses.replace(plan, client_procs=max(1, args.client_procs))
     if args.lengths:
         lengths = {int(n) for n in args.lengths.split(",")}
         plan = dataclasses.replace(plan, levels=tuple(lv for lv in plan.levels if lv.prompt_tokens in lengths))
@@ -408,7 +417,8 @@ def _run(
             else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site, pair)
         )
         res["servers"][key] = merge_levels(
-            old["servers"].get(key, {}), {**result, "ran": [start, now()], "passes": plan.passes}
+            old["servers"].get(key, {}),
+            {**result, "ran": [start, now()], "passes": plan.passes, "client_procs": plan.client_procs},
         )
         if partner and key == "mlx_router":  # the raw part ends before any peer starts: its memory is returned
             raw_res = {**partner.finish(), "ran": [raw_start, now()], "passes": plan.passes}

@@ -61,6 +61,7 @@ class Plan:
     # Servers that run one request at a time stop at this concurrency (beyond it a level only measures queueing).
     serial_max_concurrency: int = 1 << 30
     passes: int = 1  # each level this many times, with new prompts; the pass with the median aggregate is reported
+    client_procs: int = 1  # processes the load's clients are spread over (bench_clients.ClientPool)
 
     @property
     def prompt_lengths(self) -> list[int]:
@@ -78,14 +79,15 @@ def _levels(spec: dict[int, Sequence[int]], single: int) -> tuple[Level, ...]:
 def make_plan(size: str, tiny: bool) -> Plan:
     """`cpu`: a small float32 model, 2048-token prompts up to 32 streams (CPU prefill is ~2k tokens/s on 2 cores).
     `gpu`: Llama-3.1-8B's shape, every level to 128 streams, but a serial server (mlx-router 2.3.1) stops at 32, where
-    128 streams would take it minutes of queueing. `tiny`: the same code path in a minute or two."""
+    128 streams would take it minutes of queueing; its load comes from 4 client processes (a 2-core CPU run keeps one,
+    which would otherwise take the cores the server needs). `tiny`: the same code path in a minute or two."""
     gpu = size == "gpu"
     if tiny:
         levels = _levels({128: (1, 8), 2048: (1,)}, 2)
         return Plan(size, True, levels, 64, 1024, gpu, 120.0, 600.0, single_requests=2, serial_max_concurrency=1)
     if gpu:
         levels = _levels({128: (1, 8, 32, 128), 2048: (1, 8, 32, 128)}, 4)
-        return Plan(size, False, levels, 128, 4096, True, 120.0, 900.0, serial_max_concurrency=32)
+        return Plan(size, False, levels, 128, 4096, True, 120.0, 900.0, serial_max_concurrency=32, client_procs=4)
     return Plan(size, False, _levels({128: (1, 8, 32, 128), 2048: (1, 8, 32)}, 4), 128, 4096, False, 300.0, 1200.0)
 
 

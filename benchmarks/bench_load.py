@@ -1,5 +1,5 @@
-"""The load and one server's whole run: the `openai` SDK (AsyncOpenAI, streaming with `include_usage`, no retries)
-in a closed loop of `concurrency` workers; then the shared-prefix, single-stream and swap probes.
+"""One server's whole run: warm-up, the load levels (closed loops of `concurrency` workers, bench_clients.py), then the
+shared-prefix, single-stream and swap probes.
 
 Every step is time-bounded; a level that hits its limit restarts the server and skips the higher concurrencies of that
 prompt length. Failures become the result's `status`/`reason` or a level's errors, never exceptions.
@@ -11,70 +11,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+from bench_clients import ClientPool, Messages, one_request
 from bench_common import Plan, ReqResult, median, median_pass, summarize
 from bench_servers import MAIN, ServerProcess, ServerSpec, free_port, make_spec
 from openai import AsyncOpenAI
 
-Messages = list[dict[str, str]]
 PairedPass = Callable[[int, int], None]  # runs the raw engine's pass k of level i (bench.RawPartner.run_pass)
-
-
-async def one_request(client: AsyncOpenAI, model: str, messages: Messages, max_tokens: int, temp: float) -> ReqResult:
-    """One streamed chat completion, the same body for every server; chunk arrival times and usage recorded."""
-    r = ReqResult(time.perf_counter())
-    text: list[str] = []
-    try:
-        stream = await client.chat.completions.create(
-            model=model,
-            messages=cast(Any, messages),
-            max_tokens=max_tokens,
-            temperature=temp,
-            top_p=1.0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.usage is not None:
-                r.completion_tokens = chunk.usage.completion_tokens
-            for choice in chunk.choices or []:
-                if choice.delta is not None and choice.delta.content:
-                    r.chunk_times.append(now)
-                    text.append(choice.delta.content)
-        r.t_end = time.perf_counter()
-    except Exception as exc:  # a failing server is reported, never fatal
-        r.error = f"{type(exc).__name__}: {str(exc)[:160]}"
-    if "".join(text).lstrip().startswith("ERROR:"):  # mlx-router 2.3.1 reports failures as content
-        r.error = "".join(text).strip()[:160]
-    return r
-
-
-async def closed_loop(
-    client: AsyncOpenAI,
-    model: str,
-    prompts: list[Messages],
-    concurrency: int,
-    max_tokens: int,
-    temp: float,
-    timeout_s: float,
-) -> tuple[list[ReqResult], float, bool]:
-    """(finished requests, wall seconds, timed out). Requests still running at the limit are cancelled."""
-    results: list[ReqResult] = []
-    todo = list(prompts)
-
-    async def worker() -> None:
-        while todo:
-            results.append(await one_request(client, model, todo.pop(0), max_tokens, temp))
-
-    t0 = time.perf_counter()
-    tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(prompts)))]
-    _, running = await asyncio.wait(tasks, timeout=timeout_s)
-    for t in running:
-        t.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
-    return results, time.perf_counter() - t0, bool(running)
 
 
 async def sequential(
@@ -100,8 +44,9 @@ def _errors(rs: list[ReqResult]) -> list[str]:
 
 
 class Suite:
-    """One server through the plan: warm-up, load levels, prefix probe, single-stream model, swap probe. One client
-    serves them all, so connection set-up and the SDK's first-use costs fall in the warm-up."""
+    """One server through the plan: warm-up, load levels, prefix probe, single-stream model, swap probe. The same
+    clients serve them all (the levels' spread over `plan.client_procs` processes), so connection set-up and the SDK's
+    first-use costs fall in the warm-up."""
 
     def __init__(
         self, spec: ServerSpec, proc: ServerProcess, wl: dict[str, Any], plan: Plan, pair: PairedPass | None = None
@@ -109,12 +54,8 @@ class Suite:
         self.spec, self.proc, self.wl, self.plan, self.pair = spec, proc, wl, plan, pair
         self.main = spec.names[MAIN]
         self.notes: list[str] = []
-        self.client = self._new_client()
-
-    def _new_client(self) -> AsyncOpenAI:
-        # No retries: every failed request counts (the SDK's default is 2, with back-off).
-        timeout = max(self.plan.level_timeout_s, self.plan.startup_timeout_s)
-        return AsyncOpenAI(base_url=self.proc.base_url + "/v1", api_key="bench", timeout=timeout, max_retries=0)
+        timeout = max(plan.level_timeout_s, plan.startup_timeout_s)
+        self.clients = ClientPool(plan.client_procs, proc.base_url, timeout)
 
     async def run(self, result: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -127,20 +68,20 @@ class Suite:
             result["levels"] = await self.levels()
             result.update(await self.probes())
         finally:
-            await self.client.close()
+            await self.clients.close()
 
     async def warm_up(self) -> str | None:
         """Load the model with a long prompt, then short bursts (GPU: at each concurrency); None when all succeeded."""
         plan, wl = self.plan, self.wl
         first = await sequential(
-            self.client, [(self.main, wl["warm_long"][0])], 8, plan.temperature, plan.startup_timeout_s
+            self.clients.local, [(self.main, wl["warm_long"][0])], 8, plan.temperature, plan.startup_timeout_s
         )
         if not first[0].ok:
             return f"warm-up request failed: {first[0].error}"
         for c in self._warm_concurrencies():
             burst = [m for m, _ in wl["warm_short"][:c]]
-            rs, _, timed_out = await closed_loop(
-                self.client, self.main, burst, c, 8, plan.temperature, plan.startup_timeout_s
+            rs, _, timed_out = await self.clients.closed_loop(
+                self.main, burst, c, 8, plan.temperature, plan.startup_timeout_s
             )
             ok = sum(1 for r in rs if r.ok)
             if timed_out or not ok:
@@ -170,8 +111,7 @@ class Suite:
                 batch = prompts[k * lv.requests : (k + 1) * lv.requests]
                 if self.pair and k % 2 == 0:  # paired passes alternate which side goes first
                     await asyncio.to_thread(self.pair, i, k)
-                rs, wall, timed_out = await closed_loop(
-                    self.client,
+                rs, wall, timed_out = await self.clients.closed_loop(
                     self.main,
                     [m for m, _ in batch],
                     lv.concurrency,
@@ -205,8 +145,7 @@ class Suite:
                     f"{lv.prompt_tokens}-token levels stopped at concurrency {lv.concurrency} ({why}, "
                     f"{plan.level_timeout_s:.0f}s); the server was restarted"
                 )
-                await self.client.close()  # its connections went with the old process
-                self.client = self._new_client()
+                await self.clients.reconnect()  # its connections went with the old process
                 failed = self.proc.restart(plan.startup_timeout_s) or await self.warm_up()
                 if failed:
                     self.notes.append(f"restart failed: {failed}")
@@ -214,7 +153,7 @@ class Suite:
         return out
 
     async def probes(self) -> dict[str, Any]:
-        plan, wl, t, client = self.plan, self.wl, self.plan.temperature, self.client
+        plan, wl, t, client = self.plan, self.wl, self.plan.temperature, self.clients.local
         res: dict[str, Any] = {}
         rs = await sequential(
             client, [(self.main, m) for m, _ in wl["prefix"]], plan.probe_tokens, t, plan.level_timeout_s

@@ -283,15 +283,22 @@ def _header(res: dict[str, Any]) -> list[str]:
             if plan.get("passes", 1) > 1
             else ""
         )
-        + _passes_by_part(res, plan.get("passes", 1)),
+        + _by_part(res, "passes", plan.get("passes", 1), "passes per level")
+        + (
+            f"; the servers' load came from {plan['client_procs']} client processes, each with its own event loop and "
+            "SDK client, so that building requests in one process does not delay the level's first requests"
+            if plan.get("client_procs", 1) > 1
+            else ""
+        )
+        + _by_part(res, "client_procs", plan.get("client_procs", 1), "client processes", servers_only=True),
     ]
 
 
-def _passes_by_part(res: dict[str, Any], last: int) -> str:
-    """Parts merged from runs with another --passes than the last command's."""
-    parts = [("raw", res.get("raw", {})), *res["servers"].items()]
-    other = [f"{LABELS.get(k, k)}: {p['passes']}" for k, p in parts if p.get("passes", last) != last]
-    return f" (passes per level where another run gave them: {', '.join(other)})" if other else ""
+def _by_part(res: dict[str, Any], key: str, last: int, what: str, servers_only: bool = False) -> str:
+    """Parts merged from runs whose setting `key` differed from the last command's."""
+    parts = [*([] if servers_only else [("raw", res.get("raw", {}))]), *res["servers"].items()]
+    other = [f"{LABELS.get(k, k)}: {p[key]}" for k, p in parts if p.get(key, last) != last]
+    return f" ({what} where another run gave them: {', '.join(other)})" if other else ""
 
 
 def _notes(res: dict[str, Any]) -> list[str]:
