@@ -167,11 +167,9 @@ def fit_memory(plan: Plan, model: dict[str, Any], notes: list[str], copies: int)
     return dataclasses.replace(plan, levels=tuple(keep))
 
 
-def workload(plan: Plan, model: str, single_name: str | None) -> dict[str, Any]:
+def workload(plan: Plan, tokenizer: Any, single_name: str | None) -> dict[str, Any]:
     """The prompts, each as (chat messages, token ids): the servers get the first, the raw engine the second."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    f = PromptFactory(load_tokenizer(Path(model)))
+    f = PromptFactory(tokenizer)
     n_warm = max([8, *plan.concurrencies])
     return {
         "levels": [
@@ -365,7 +363,14 @@ def _run(
     notes: list[str] = []
     paired = "raw" in parts and "mlx_router" in parts
     plan = fit_memory(plan, info["main"], notes, 2 if paired else 1)
-    wl = workload(plan, built["main"], "bench-q4" if built["single"] else None)
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(Path(built["main"]))
+    wl = workload(plan, tokenizer, "bench-q4" if built["single"] else None)
+
+    def count(text: str) -> int:  # for servers that send no usage (bench_common.summarize)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
     json_path = out / f"{name}.json"
     res: dict[str, Any] = {"raw": {}, "servers": {}}
     merged: list[str] = []
@@ -414,7 +419,7 @@ def _run(
         result = (
             {"status": "skipped", "reason": why}
             if why
-            else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site, pair)
+            else bench_server(key, model_dir, work, wl, plan, out / "logs", args.peer_site, count, pair)
         )
         res["servers"][key] = merge_levels(
             old["servers"].get(key, {}),

@@ -51,8 +51,9 @@ async def one_request(client: AsyncOpenAI, model: str, messages: Messages, max_t
         r.t_end = time.perf_counter()
     except Exception as exc:  # a failing server is reported, never fatal
         r.error = f"{type(exc).__name__}: {str(exc)[:160]}"
-    if "".join(text).lstrip().startswith("ERROR:"):  # mlx-router 2.3.1 reports failures as content
-        r.error = "".join(text).strip()[:160]
+    r.text = "".join(text)
+    if r.text.lstrip().startswith("ERROR:"):  # mlx-router 2.3.1 reports failures as content
+        r.error = r.text.strip()[:160]
     return r
 
 

@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,7 @@ class ReqResult:
     t_end: float | None = None
     completion_tokens: int | None = None  # from usage; None when the server sends none
     error: str | None = None
+    text: str = ""  # the answer's content, to count the tokens of a server that sends no usage
 
     @property
     def ok(self) -> bool:
@@ -261,11 +262,14 @@ def median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(rs: list[ReqResult], wall: float, requested: int, max_tokens: int) -> dict[str, Any]:
+def summarize(
+    rs: list[ReqResult], wall: float, requested: int, max_tokens: int, count: Callable[[str], int] | None = None
+) -> dict[str, Any]:
     """Figures of one level. TTFT: send to first content. ITL: per request, (end - first content) / (tokens - 1), the
     time per output token after the first; it does not depend on how a server's detokenizer groups tokens into chunks
     (chunk gaps are kept as `chunk_gap_*`). Aggregate: output tokens of the level / its wall time. A server that sends
-    no usage is credited `max_tokens` per answer."""
+    no usage is credited `max_tokens` per answer; `count` (the model's tokenizer) re-tokenizes every answer's text into
+    `text_tokens`, the check on that credit."""
     ok = [r for r in rs if r.ok]
     tokens = [max_tokens if r.completion_tokens is None else r.completion_tokens for r in ok]
     ttfts = [t for r in ok if (t := r.ttft) is not None]
@@ -292,4 +296,5 @@ def summarize(rs: list[ReqResult], wall: float, requested: int, max_tokens: int)
         "tokens_assumed": any(r.completion_tokens is None for r in ok),
         "early_stops": sum(1 for r in ok if r.completion_tokens is not None and r.completion_tokens < max_tokens),
         "aggregate_tok_s": sum(tokens) / wall if wall > 0 and ok else None,
+        "text_tokens": sum(count(r.text) for r in ok) if count else None,
     }

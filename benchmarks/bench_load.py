@@ -19,6 +19,7 @@ from bench_servers import MAIN, ServerProcess, ServerSpec, free_port, make_spec
 from openai import AsyncOpenAI
 
 PairedPass = Callable[[int, int], None]  # runs the raw engine's pass k of level i (bench.RawPartner.run_pass)
+TokenCounter = Callable[[str], int]  # the model's tokenizer: tokens in an answer's text
 
 
 async def sequential(
@@ -49,9 +50,15 @@ class Suite:
     first-use costs fall in the warm-up."""
 
     def __init__(
-        self, spec: ServerSpec, proc: ServerProcess, wl: dict[str, Any], plan: Plan, pair: PairedPass | None = None
+        self,
+        spec: ServerSpec,
+        proc: ServerProcess,
+        wl: dict[str, Any],
+        plan: Plan,
+        count: TokenCounter,
+        pair: PairedPass | None = None,
     ) -> None:
-        self.spec, self.proc, self.wl, self.plan, self.pair = spec, proc, wl, plan, pair
+        self.spec, self.proc, self.wl, self.plan, self.count, self.pair = spec, proc, wl, plan, count, pair
         self.main = spec.names[MAIN]
         self.notes: list[str] = []
         timeout = max(plan.level_timeout_s, plan.startup_timeout_s)
@@ -119,7 +126,7 @@ class Suite:
                     plan.temperature,
                     plan.level_timeout_s,
                 )
-                passes.append(summarize(rs, wall, lv.requests, plan.output_tokens))
+                passes.append(summarize(rs, wall, lv.requests, plan.output_tokens, self.count))
                 if self.pair and k % 2 == 1:
                     await asyncio.to_thread(self.pair, i, k)
                 p = passes[-1]
@@ -196,6 +203,7 @@ def bench_server(
     plan: Plan,
     logs: Path,
     peer_site: Path,
+    count: TokenCounter,
     pair: PairedPass | None = None,
 ) -> dict[str, Any]:
     """Start one server, run the suite on it, stop it; the result is a row of the report, whatever happens. `pair`,
@@ -206,7 +214,7 @@ def bench_server(
     proc = ServerProcess(spec, port, logs / f"server-{key}.log")
     print(f"{spec.label}: starting on port {port} ...", flush=True)
     proc.start()
-    suite = Suite(spec, proc, wl, plan, pair)
+    suite = Suite(spec, proc, wl, plan, count, pair)
     try:
         asyncio.run(suite.run(result))
     except Exception as exc:  # a broken peer is a row in the table, not the end of the run

@@ -301,6 +301,25 @@ def _by_part(res: dict[str, Any], key: str, last: int, what: str, servers_only: 
     return f" ({what} where another run gave them: {', '.join(other)})" if other else ""
 
 
+def _recount(res: dict[str, Any], server: dict[str, Any]) -> str:
+    """The check on a no-usage server's credit: its answers re-tokenized, scaled by how the answers of the servers
+    with usage re-tokenize (text decoded from random token ids does not always encode back to as many tokens)."""
+    levels = res["servers"].values()
+    known = [lv for s in levels for lv in s.get("levels", []) if lv.get("text_tokens") and not lv.get("tokens_assumed")]
+    mine = [lv for lv in server.get("levels", []) if lv.get("text_tokens") and lv.get("tokens_assumed")]
+    if not known or not mine:
+        return ""
+    scale = sum(lv["text_tokens"] for lv in known) / sum(lv["completion_tokens"] for lv in known)
+    answers = sum(lv["ok"] for lv in mine)
+    per_answer = sum(lv["text_tokens"] for lv in mine) / answers
+    share = per_answer / scale / res["meta"]["plan"]["output_tokens"]
+    return (
+        f"; re-tokenized, its answers hold {per_answer:.0f} tokens on average, where the answers of the servers that "
+        f"send usage re-tokenize to {scale:.0%} of their usage count: its token figures are about {share:.0%} of "
+        "the `≤` ones"
+    )
+
+
 def _notes(res: dict[str, Any]) -> list[str]:
     notes = list(res.get("notes", []))
     if res.get("raw", {}).get("error"):
@@ -324,7 +343,9 @@ def _notes(res: dict[str, Any]) -> list[str]:
                 "generation, its ITL and decode rate are shown as `burst`"
             )
         if any(lv.get("tokens_assumed") for lv in s.get("levels", [])):
-            notes.append(f"{label} sends no usage: each answer is credited max_tokens (`≤`: an upper bound)")
+            notes.append(
+                f"{label} sends no usage: each answer is credited max_tokens (`≤`: an upper bound)" + _recount(res, s)
+            )
     counted = [lv for s in res["servers"].values() for lv in s.get("levels", []) if not lv.get("tokens_assumed")]
     if n := sum(lv["ok"] for lv in counted):
         fill = sum(lv["completion_tokens"] for lv in counted) / (n * res["meta"]["plan"]["output_tokens"])
