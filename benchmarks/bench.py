@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py --size cpu|gpu [--tiny] [--out DIR] [--models DIR] [--peer-site DIR]
                                [--only raw,mlx_router,mlx_lm,mlx_router_231] [--passes N] [--lengths 128,2048]
-                               [--client-procs N] [--merge]
+                               [--concurrencies 1,8] [--client-procs N] [--merge]
 
 Builds (or reuses) random-weight models with helper_tools/tiny_models.py, measures the raw engine in a child process,
 then starts each server in turn on a free loopback port, warms it up, runs the load levels and the prefix, single-
@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--passes", type=int, default=1, help="run each level N times with new prompts and report the median pass"
     )
     p.add_argument("--lengths", default="", help="comma list: run only the levels of these prompt lengths")
+    p.add_argument("--concurrencies", default="", help="comma list: run only the levels of these concurrencies")
     p.add_argument(
         "--client-procs",
         type=int,
@@ -323,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = dataclasses.replace(make_plan(args.size, args.tiny), passes=max(1, args.passes))
     if args.client_procs is not None:
         plan = dataclasses.replace(plan, client_procs=max(1, args.client_procs))
-    if args.lengths:
-        lengths = {int(n) for n in args.lengths.split(",")}
-        plan = dataclasses.replace(plan, levels=tuple(lv for lv in plan.levels if lv.prompt_tokens in lengths))
-        if not plan.levels:
-            raise SystemExit(f"no level has a prompt length in {sorted(lengths)}")
+    for flag, field in (("lengths", "prompt_tokens"), ("concurrencies", "concurrency")):
+        if wanted := {int(n) for n in getattr(args, flag).split(",") if n}:
+            plan = dataclasses.replace(plan, levels=tuple(lv for lv in plan.levels if getattr(lv, field) in wanted))
+            if not plan.levels:
+                raise SystemExit(f"no level left after --{flag} {sorted(wanted)}")
     out, models = args.out.resolve(), args.models.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
