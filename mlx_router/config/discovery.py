@@ -189,11 +189,11 @@ class ModelRegistry:
         if not is_safe_model_id(model_id):
             return None
         with self._lock:
-            found = self._names.get(model_id)
-            if found is None and (self._scanned_at is None or self._clock() - self._scanned_at >= self._interval):
+            spec = self._lookup(model_id)
+            if spec is None and (self._scanned_at is None or self._clock() - self._scanned_at >= self._interval):
                 self._scan()
-                found = self._names.get(model_id)
-            return self._specs[found] if found is not None else None
+                spec = self._lookup(model_id)
+            return spec
 
     def known(self, model_id: str) -> ModelSpec | None:
         """The model an id or alias names in the last scan, without touching the disk, so the event loop may call it;
@@ -201,10 +201,13 @@ class ModelRegistry:
         if not is_safe_model_id(model_id) or not self._lock.acquire(blocking=False):
             return None
         try:
-            found = self._names.get(model_id)
-            return self._specs[found] if found is not None else None
+            return self._lookup(model_id)
         finally:
             self._lock.release()
+
+    def _lookup(self, model_id: str) -> ModelSpec | None:  # the caller holds the lock
+        found = self._names.get(model_id)
+        return self._specs[found] if found is not None else None
 
     def config_for(self, spec: ModelSpec) -> ModelConfig | None:
         """The ``models.<id>`` config entry of a model, by its id, else by one of its aliases."""

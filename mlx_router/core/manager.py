@@ -17,8 +17,9 @@ from loguru import logger
 
 from ..config.discovery import ModelRegistry, ModelSpec, estimate_memory_bytes
 from ..config.settings import Settings
-from .engine import EngineOptions, ModelEngine, RequestHandle
+from .engine import EngineOptions, ModelEngine
 from .errors import InsufficientMemory, ModelLoadFailed, ModelNotFound, NoCapacity
+from .handles import RequestHandle
 from .memory import MemoryProbe, system_memory
 from .prompts import PromptBuilder
 from .types import Done, Event, Failed, GenerationRequest, ModelState, ModelStatus, Started, TextDelta
@@ -89,7 +90,7 @@ class Generation:
     async def events(self) -> AsyncIterator[Event]:
         """Events after `Started`, up to and including Done or Failed."""
         try:
-            while True:
+            while True:  # not `handle.events()`: one generator layer fewer on every streamed token
                 event = await self.handle.next_event()
                 if isinstance(event, Done | Failed):
                     self._finished = True

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPLIES, never_eos
 
 from mlx_router.config.discovery import read_model_spec
-from mlx_router.core.engine import EngineOptions, ModelEngine, RequestHandle
+from mlx_router.core.engine import EngineOptions, ModelEngine
+from mlx_router.core.handles import RequestHandle
 from mlx_router.core.types import (
     Done,
     Event,

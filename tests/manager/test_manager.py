@@ -11,8 +11,9 @@ import pytest
 
 from mlx_router.config.discovery import ModelSpec
 from mlx_router.config.settings import Settings, load_settings
-from mlx_router.core.engine import EngineOptions, RequestHandle
+from mlx_router.core.engine import EngineOptions
 from mlx_router.core.errors import InsufficientMemory, ModelLoadFailed, NoCapacity
+from mlx_router.core.handles import RequestHandle
 from mlx_router.core.manager import MLXModelManager
 from mlx_router.core.memory import MemorySnapshot
 from mlx_router.core.types import Done, GenerationRequest, Message, SamplingParams, Started, TextDelta, Usage
