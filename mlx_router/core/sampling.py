@@ -50,16 +50,25 @@ def _stochastic_sampler(params: SamplingParams, seed: int) -> Sampler:
 
     def sample(logprobs: Any) -> Any:
         nonlocal key
-        key, subkey = mx.random.split(key)
         if 0.0 < params.top_p < 1.0:
             logprobs = apply_top_p(logprobs, params.top_p)
         if params.min_p > 0.0:
             logprobs = apply_min_p(logprobs, params.min_p)
         if params.top_k > 0:
             logprobs = apply_top_k(logprobs, params.top_k)
-        return mx.random.categorical(logprobs * inv_temp, key=subkey)
+        token, key = _draw(logprobs, key, inv_temp)
+        return token
 
     return sample
+
+
+@mx.compile
+def _draw(logprobs: Any, key: Any, inv_temp: float) -> tuple[Any, Any]:
+    # Compiled, the key split and the Gumbel draw run as a few fused kernels instead of one per operation. A single
+    # stream's decode step is bound by the CPU building and launching its kernels (6.7 ms of a 6.8 ms step of an 8B
+    # model on an H200), and mlx-lm's own sampler is compiled the same way.
+    key, subkey = mx.random.split(key)
+    return mx.random.categorical(logprobs * inv_temp, key=subkey), key
 
 
 def make_logits_processors(params: SamplingParams) -> list[Any]:

@@ -43,6 +43,19 @@ def test_a_seeded_sampler_gives_the_same_tokens_whatever_else_was_sampled() -> N
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
 
 
+def test_a_seeded_draw_is_the_key_split_and_categorical_draw_at_any_batch_size() -> None:
+    # The draw is compiled (fewer kernels per decode step, once per batch shape): it must stay the plain draw, with
+    # the key carried from one call to the next.
+    normal = mx.random.normal((3, 50), key=mx.random.key(4))
+    rows = [mx.log(mx.softmax(normal[:n], axis=-1)) for n in (1, 3, 1, 3, 2)]
+    sampler = SamplerPool().get(params(temperature=0.5, seed=11))
+    key, expected = mx.random.key(11), []
+    for logprobs in rows:
+        key, subkey = mx.random.split(key)
+        expected.append(mx.random.categorical(logprobs * 2.0, key=subkey).tolist())
+    assert [sampler(logprobs).tolist() for logprobs in rows] == expected
+
+
 def test_a_shared_sampler_samples_each_row_of_a_batch() -> None:
     pool = SamplerPool()
     logprobs = mx.full((3, 10), -1e9)
