@@ -49,6 +49,7 @@ PARTS = ("raw", "mlx_router", "mlx_lm", "mlx_router_231")
 # Prompt seeds, far apart: two prompts from one seed share their first words, and a prefix cache would serve one
 # from the other's KV cache.
 SEED_LEVEL, SEED_WARM, SEED_PREFIX, SEED_SWAP, SEED_SINGLE = 10**6, 10**9, 2 * 10**9, 3 * 10**9, 4 * 10**9
+SEED_ENGINE = 5 * 10**9
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -186,6 +187,7 @@ def workload(plan: Plan, tokenizer: Any, single_name: str | None) -> dict[str, A
         "prefix": f.shared_prefix(plan.prefix_tokens, plan.question_tokens, SEED_PREFIX, 1 + plan.warm_repeats),
         "single": [f.chat(128, SEED_SINGLE + j) for j in range(plan.single_requests)] if single_name else [],
         "swap": [f.chat(128, SEED_SWAP + j) for j in range(2 + plan.swap_rounds)],
+        "engine_pairs": [f.chat(128, SEED_ENGINE + j) for j in range(1 + plan.engine_pairs)],  # the first warms up
         "single_name": single_name,
     }
 
@@ -210,6 +212,7 @@ def raw_workload(plan: Plan, wl: dict[str, Any], model_dir: Path, work: Path) ->
         "prefix": ids(wl["prefix"]),
         "single": ids(wl["single"]),
         "swap_prompt": wl["swap"][0][1],
+        "engine_pairs": wl["engine_pairs"],
     }
     path = work / "raw-workload.json"
     path.write_text(json.dumps(raw_wl))

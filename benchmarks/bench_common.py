@@ -62,6 +62,7 @@ class Plan:
     serial_max_concurrency: int = 1 << 30
     passes: int = 1  # each level this many times, with new prompts; the pass with the median aggregate is reported
     client_procs: int = 1  # processes the load's clients are spread over (bench_clients.ClientPool)
+    engine_pairs: int = 8  # in-process probe: requests to this repo's engine, each next to one to stream_generate
 
     @property
     def prompt_lengths(self) -> list[int]:
@@ -84,10 +85,24 @@ def make_plan(size: str, tiny: bool) -> Plan:
     gpu = size == "gpu"
     if tiny:
         levels = _levels({128: (1, 8), 2048: (1,)}, 2)
-        return Plan(size, True, levels, 64, 1024, gpu, 120.0, 600.0, single_requests=2, serial_max_concurrency=1)
+        return Plan(
+            size, True, levels, 64, 1024, gpu, 120.0, 600.0, single_requests=2, serial_max_concurrency=1, engine_pairs=2
+        )
     if gpu:
         levels = _levels({128: (1, 8, 32, 128), 2048: (1, 8, 32, 128)}, 4)
-        return Plan(size, False, levels, 128, 4096, True, 120.0, 900.0, serial_max_concurrency=32, client_procs=4)
+        return Plan(
+            size,
+            False,
+            levels,
+            128,
+            4096,
+            True,
+            120.0,
+            900.0,
+            serial_max_concurrency=32,
+            client_procs=4,
+            engine_pairs=24,
+        )
     return Plan(size, False, _levels({128: (1, 8, 32, 128), 2048: (1, 8, 32)}, 4), 128, 4096, False, 300.0, 1200.0)
 
 

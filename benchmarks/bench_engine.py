@@ -179,6 +179,62 @@ def prefix(model: Any, tok: Any, prompts: list[list[int]]) -> dict[str, Any]:
     return {"prompt_tokens": len(prompts[0]), "cold_ttft_s": cold, "warm_ttft_s": median(warm), "warm_runs": warm}
 
 
+def engine_vs_stream(
+    model: Any, tok: Any, path: str, prompts: list[Any], max_tokens: int, temperature: float
+) -> dict[str, Any]:
+    """Concurrency 1 through this repo's engine (in this process, no HTTP), each request next to one to
+    `stream_generate` on the same prompt, alternating which goes first; `prompts[0]` warms both up unmeasured.
+
+    A single stream's decode step is bound by the CPU that builds and launches its kernels, and on a shared GPU host
+    two processes' CPU speeds drifted apart by up to 1.4x at the same moment (session 7 diagnostics, H200): a server
+    and the raw engine in separate processes differ by that drift as much as by their code. One process's two paths,
+    seconds apart, do not."""
+    import asyncio
+
+    from mlx_router.config.discovery import read_model_spec
+    from mlx_router.core.engine import EngineOptions, ModelEngine
+    from mlx_router.core.types import Done, Failed, GenerationRequest, Message, SamplingParams, TextDelta
+
+    async def ask(engine: Any, messages: list[dict[str, str]], i: int) -> ReqResult:
+        turns = tuple(Message(m["role"], m["content"]) for m in messages)  # type: ignore[arg-type]
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        r = ReqResult(time.perf_counter())
+        async for event in engine.submit(GenerationRequest(f"probe-{i}", "bench", turns, sampling)).events():
+            if isinstance(event, TextDelta):
+                r.chunk_times.append(time.perf_counter())
+            elif isinstance(event, Done):
+                r.t_end, r.completion_tokens = time.perf_counter(), event.usage.completion_tokens
+            elif isinstance(event, Failed):
+                r.error = str(event.error)
+        return r
+
+    async def run() -> tuple[list[ReqResult], list[ReqResult]]:
+        engine = ModelEngine(read_model_spec("bench", Path(path)), EngineOptions())
+        await engine.start()
+        mine, raw = [], []
+        try:
+            for i, (messages, ids) in enumerate(prompts):
+                if i % 2:
+                    raw.append(_stream(model, tok, ids, max_tokens))
+                mine.append(await ask(engine, messages, i))
+                if not i % 2:
+                    raw.append(_stream(model, tok, ids, max_tokens))
+        finally:
+            await engine.stop()
+        return mine[1:], raw[1:]
+
+    mine, raw = asyncio.run(run())
+    decode = lambda r: summarize([r], 1.0, 1, max_tokens)["decode_tok_s_p50"]  # noqa: E731
+    ratios = [a / b for m, r in zip(mine, raw, strict=True) if (a := decode(m)) and (b := decode(r))]
+    return {
+        "pairs": len(ratios),
+        "engine": summarize(mine, sum(r.t_end - r.t_send for r in mine if r.t_end), len(mine), max_tokens),
+        "stream": summarize(raw, sum(r.t_end - r.t_send for r in raw if r.t_end), len(raw), max_tokens),
+        "ratios": ratios,
+        "ratio_median": median(ratios),
+    }
+
+
 class RawCeiling:
     """The raw engine on one workload: load and warm-up, then level passes in any order, then the probes."""
 
@@ -252,6 +308,14 @@ class RawCeiling:
         res = self.res
         res["prefix"] = prefix(self.model, self.tok, work["prefix"])
         self.save(f"prefix {res['prefix']['cold_ttft_s']:.3f}s -> {res['prefix']['warm_ttft_s']:.3f}s")
+        if work["engine_pairs"]:
+            c1 = engine_vs_stream(
+                self.model, self.tok, work["main"], work["engine_pairs"], work["output_tokens"], work["temperature"]
+            )
+            res["engine_c1"] = c1
+            self.save(
+                f"engine in-process, c=1: {c1['ratio_median'] or 0:.2f}x stream_generate over {c1['pairs']} pairs"
+            )
         if work["single_model"]:  # the 4-bit model: single stream, after one unmeasured request
             self._load(work["single_model"])
             _stream(self.model, self.tok, work["warm_short"][0], 4)

@@ -107,6 +107,14 @@ def _summary(res: dict[str, Any]) -> list[str]:
             theirs, note = _value(servers[p], False, spec)
             row += [fmt(theirs) + note, better(ours, theirs, higher)]
         rows.append(row)
+    if c1 := raw.get("engine_c1"):
+        label = "128-token prompts, c=1, one process: decode tok/s of this repo's engine (no HTTP), paired"
+        mid = c1["ratio_median"]
+        ratio = "–" if mid is None else f"{mid:.2f}× (median of {c1['pairs']} pairs)"
+        rows.append(
+            [label, fr(c1["stream"]["decode_tok_s_p50"]), fr(c1["engine"]["decode_tok_s_p50"]), ratio]
+            + ["–", "–"] * len(peers)
+        )
     lead = (
         "Ratios: this repo against the figure on their left; > 1 means this repo is better (more tokens/s, less time)."
     )
@@ -196,7 +204,30 @@ def _probes(res: dict[str, Any]) -> list[str]:
         "#### Model swap (two copies of one model, one resident at a time)",
         "",
         *_table(["", "TTFT, model resident", "TTFT after a swap (p50)"], rows),
+        *_engine_c1(raw.get("engine_c1")),
     ]
+
+
+def _engine_c1(c1: dict[str, Any] | None) -> list[str]:
+    """bench_engine.engine_vs_stream: the engine and stream_generate in one process, request by request."""
+    if not c1:
+        return []
+    lead = (
+        "In the raw engine's process, after its levels: this repo's `ModelEngine` (its own copy of the model, "
+        "events read on an asyncio loop, no HTTP) and `stream_generate`, one request each in turn on the same "
+        "prompt, alternating which goes first. Two processes' CPUs can differ in speed at the same moment, and a "
+        "single stream's decode step is bound by the CPU; one process's two paths, seconds apart, are not."
+    )
+    row = [
+        str(c1["pairs"]),
+        fr(c1["stream"]["decode_tok_s_p50"]),
+        fr(c1["engine"]["decode_tok_s_p50"]),
+        ", ".join(f"{x:.2f}×" for x in c1["ratios"]),
+        "–" if c1["ratio_median"] is None else f"{c1['ratio_median']:.2f}×",
+    ]
+    head = ["pairs", "stream_generate decode p50", "engine decode p50", "engine / stream_generate per pair", "median"]
+    title = "#### Concurrency 1 in one process: this repo's engine against stream_generate"
+    return ["", title, "", lead, "", *_table(head, [row])]
 
 
 def _paired(res: dict[str, Any]) -> list[str]:
