@@ -58,7 +58,7 @@ class Plan:
     probe_tokens: int = 8  # max_tokens of the prefix and swap probes, which measure TTFT
     swap_rounds: int = 3
     startup_timeout_s: float = 300.0
-    # Servers that run one request at a time stop at this concurrency (beyond it a level only measures queueing).
+    # Servers without batching stop at this concurrency (beyond it a level mostly measures queueing).
     serial_max_concurrency: int = 1 << 30
     passes: int = 1  # each level this many times, with new prompts; the pass with the median aggregate is reported
     client_procs: int = 1  # processes the load's clients are spread over (bench_clients.ClientPool)
@@ -79,9 +79,9 @@ def _levels(spec: dict[int, Sequence[int]], single: int) -> tuple[Level, ...]:
 
 def make_plan(size: str, tiny: bool) -> Plan:
     """`cpu`: a small float32 model, 2048-token prompts up to 32 streams (CPU prefill is ~2k tokens/s on 2 cores).
-    `gpu`: Llama-3.1-8B's shape, every level to 128 streams, but a serial server (mlx-router 2.3.1) stops at 32, where
-    128 streams would take it minutes of queueing; its load comes from 4 client processes (a 2-core CPU run keeps one,
-    which would otherwise take the cores the server needs). `tiny`: the same code path in a minute or two."""
+    `gpu`: Llama-3.1-8B's shape, every level to 128 streams, but a server without batching (mlx-router 2.3.1) stops
+    at 32, where 128 streams would take it minutes of queueing; its load comes from 4 client processes (a 2-core CPU run
+    keeps one, which would otherwise take the cores the server needs). `tiny`: the same code path in a minute or two."""
     gpu = size == "gpu"
     if tiny:
         levels = _levels({128: (1, 8), 2048: (1,)}, 2)

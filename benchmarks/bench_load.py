@@ -109,7 +109,7 @@ class Suite:
                 continue
             if self.spec.serial and lv.concurrency > plan.serial_max_concurrency:
                 self.notes.append(
-                    f"{lv.prompt_tokens}x{lv.concurrency} not run: one request at a time, the plan "
+                    f"{lv.prompt_tokens}x{lv.concurrency} not run: no batching, the plan "
                     f"stops such servers at concurrency {plan.serial_max_concurrency}"
                 )
                 continue

@@ -49,7 +49,7 @@ class ServerSpec:
     env: dict[str, str]
     names: dict[str, str]  # served folder name -> the `model` field this server expects
     flags: str
-    serial: bool = False  # no batching: each request generates on its own
+    serial: bool = False  # no batching: each request generates on its own (alone, or beside a few in threads)
     alarms: tuple[str, ...] = ()  # log lines that make its figures suspect
 
     @property
@@ -163,7 +163,10 @@ def make_spec(
         path.write_text(json.dumps(cfg, indent=2))
         entry = "from mlx_router.cli import main; main()"
         argv = [sys.executable, "-c", entry, "--config", str(path), "--ip", "127.0.0.1", "--port", str(port)]
-        flags = "chatml template, its defaults otherwise (no batching: `mlx_lm.generate` per request, cores/2 threads)"
+        flags = (
+            "chatml template, its defaults otherwise (no batching: each request's whole `mlx_lm.generate` runs in a "
+            "pool of cores/2 threads, so up to 8 generate at once here, interleaved on one model)"
+        )
         # Under memory pressure it lowers max_tokens without saying so in the answer; its tokens are not counted.
         alarms = ("Reducing max_tokens",)
         return ServerSpec(key, argv, work, _peer_env(peer_site), {f: f for f in folders}, flags, True, alarms)
