@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             if not plan.levels:
                 raise SystemExit(f"no level left after --{flag} {sorted(wanted)}")
     out, models = args.out.resolve(), args.models.resolve()
+    args.peer_site = args.peer_site.resolve()  # the peer runs from another directory, on PYTHONPATH
     (out / "logs").mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
     name = f"results-{args.size}{'-tiny' if args.tiny else ''}"

@@ -165,7 +165,7 @@ def make_spec(
         argv = [sys.executable, "-c", entry, "--config", str(path), "--ip", "127.0.0.1", "--port", str(port)]
         flags = (
             "chatml template, its defaults otherwise (no batching: each request's whole `mlx_lm.generate` runs in a "
-            "pool of cores/2 threads, so up to 8 generate at once here, interleaved on one model)"
+            f"pool of cores/2 threads, so up to {max(1, (os.cpu_count() or 2) // 2)} at once here, on one model)"
         )
         # Under memory pressure it lowers max_tokens without saying so in the answer; its tokens are not counted.
         alarms = ("Reducing max_tokens",)
