@@ -187,8 +187,8 @@ def engine_vs_stream(
 
     A single stream's decode step is bound by the CPU that builds and launches its kernels, and on a shared GPU host
     two processes' CPU speeds drifted apart by up to 1.4x at the same moment (session 7 diagnostics, H200): a server
-    and the raw engine in separate processes differ by that drift as much as by their code. One process's two paths,
-    seconds apart, do not."""
+    and the raw engine in separate processes differ by that drift as much as by their code. These pairs share one
+    process (though not always one core)."""
     import asyncio
 
     from mlx_router.config.discovery import read_model_spec
@@ -309,13 +309,17 @@ class RawCeiling:
         res["prefix"] = prefix(self.model, self.tok, work["prefix"])
         self.save(f"prefix {res['prefix']['cold_ttft_s']:.3f}s -> {res['prefix']['warm_ttft_s']:.3f}s")
         if work["engine_pairs"]:
-            c1 = engine_vs_stream(
-                self.model, self.tok, work["main"], work["engine_pairs"], work["output_tokens"], work["temperature"]
-            )
+            try:
+                c1 = engine_vs_stream(
+                    self.model, self.tok, work["main"], work["engine_pairs"], work["output_tokens"], work["temperature"]
+                )
+                what = (
+                    f"engine in-process, c=1: {c1['ratio_median'] or 0:.2f}x stream_generate over {c1['pairs']} pairs"
+                )
+            except Exception as exc:  # e.g. no memory for the engine's copy: the probes after it still run
+                c1, what = {"error": f"{type(exc).__name__}: {exc}"}, f"engine in-process, c=1, failed: {exc}"
             res["engine_c1"] = c1
-            self.save(
-                f"engine in-process, c=1: {c1['ratio_median'] or 0:.2f}x stream_generate over {c1['pairs']} pairs"
-            )
+            self.save(what)
         if work["single_model"]:  # the 4-bit model: single stream, after one unmeasured request
             self._load(work["single_model"])
             _stream(self.model, self.tok, work["warm_short"][0], 4)
