@@ -46,7 +46,7 @@ class SamplerPool:
 def _stochastic_sampler(params: SamplingParams, seed: int) -> Sampler:
     """Temperature sampling after mlx-lm's top-p / min-p / top-k filters, on logprobs of shape (rows, vocab)."""
     key = mx.random.key(seed)
-    inv_temp = 1.0 / params.temperature
+    inv_temp = mx.array(1.0 / params.temperature)  # an input, not a constant: see `_draw`
 
     def sample(logprobs: Any) -> Any:
         nonlocal key
@@ -63,12 +63,14 @@ def _stochastic_sampler(params: SamplingParams, seed: int) -> Sampler:
 
 
 @mx.compile
-def _draw(logprobs: Any, key: Any, inv_temp: float) -> tuple[Any, Any]:
+def _draw(logprobs: Any, key: Any, inv_temp: Any) -> tuple[Any, Any]:
     # Compiled, the key split and the Gumbel draw run as a few fused kernels instead of one per operation. A single
     # stream's decode step is bound by the CPU building and launching its kernels (6.7 ms of a 6.8 ms step of an 8B
-    # model on an H200), and mlx-lm's own sampler is compiled the same way.
+    # model on an H200), and mlx-lm's own sampler is compiled the same way. The temperature comes in as an array: a
+    # Python float would be a compile-time constant, and each new temperature would build new kernels (0.8-1 s on
+    # MLX's CPU backend) while the whole batch waits.
     key, subkey = mx.random.split(key)
-    return mx.random.categorical(logprobs * inv_temp, key=subkey), key
+    return mx.random.categorical(logprobs * inv_temp.astype(logprobs.dtype), key=subkey), key
 
 
 def make_logits_processors(params: SamplingParams) -> list[Any]:

@@ -48,12 +48,13 @@ def test_a_seeded_draw_is_the_key_split_and_categorical_draw_at_any_batch_size()
     # the key carried from one call to the next.
     normal = mx.random.normal((3, 50), key=mx.random.key(4))
     rows = [mx.log(mx.softmax(normal[:n], axis=-1)) for n in (1, 3, 1, 3, 2)]
-    sampler = SamplerPool().get(params(temperature=0.5, seed=11))
-    key, expected = mx.random.key(11), []
-    for logprobs in rows:
-        key, subkey = mx.random.split(key)
-        expected.append(mx.random.categorical(logprobs * 2.0, key=subkey).tolist())
-    assert [sampler(logprobs).tolist() for logprobs in rows] == expected
+    for temperature in (0.5, 0.8):  # the temperature is an input of the compiled draw, not a constant baked into it
+        sampler = SamplerPool().get(params(temperature=temperature, seed=11))
+        key, expected = mx.random.key(11), []
+        for logprobs in rows:
+            key, subkey = mx.random.split(key)
+            expected.append(mx.random.categorical(logprobs * (1 / temperature), key=subkey).tolist())
+        assert [sampler(logprobs).tolist() for logprobs in rows] == expected
 
 
 def test_a_shared_sampler_samples_each_row_of_a_batch() -> None:
