@@ -119,6 +119,11 @@ def _stream(model: Any, tok: Any, prompt: list[int], max_tokens: int, cache: Any
     return r
 
 
+def _in_turn(rs: list[ReqResult], max_tokens: int) -> dict[str, Any]:
+    """Figures of requests sent one after another: the wall time is the sum of theirs."""
+    return summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), max_tokens)
+
+
 def closed_loop(model: Any, tok: Any, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict[str, Any]:
     """`BatchGenerator` fed like the servers: `concurrency` sequences, each finished one replaced by the next prompt."""
     from mlx_lm.generate import BatchGenerator
@@ -228,8 +233,8 @@ def engine_vs_stream(
     ratios = [a / b for m, r in zip(mine, raw, strict=True) if (a := decode(m)) and (b := decode(r))]
     return {
         "pairs": len(ratios),
-        "engine": summarize(mine, sum(r.t_end - r.t_send for r in mine if r.t_end), len(mine), max_tokens),
-        "stream": summarize(raw, sum(r.t_end - r.t_send for r in raw if r.t_end), len(raw), max_tokens),
+        "engine": _in_turn(mine, max_tokens),
+        "stream": _in_turn(raw, max_tokens),
         "ratios": ratios,
         "ratio_median": median(ratios),
     }
@@ -284,7 +289,7 @@ class RawCeiling:
         stream = None
         if lv["concurrency"] == 1:
             rs = [_stream(self.model, self.tok, p, n_out) for p in batch]
-            stream = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
+            stream = _in_turn(rs, n_out)
         self.passes[level, k] = (stream, closed_loop(self.model, self.tok, batch, lv["concurrency"], n_out))
         mx.clear_cache()  # another process (a paired server) may need the memory next
         return self.passes[level, k][1]["aggregate_tok_s"]
@@ -325,7 +330,7 @@ class RawCeiling:
             _stream(self.model, self.tok, work["warm_short"][0], 4)
             n_out = work["output_tokens"]
             rs = [_stream(self.model, self.tok, p, n_out) for p in work["single"]]
-            res["single"] = summarize(rs, sum(r.t_end - r.t_send for r in rs if r.t_end), len(rs), n_out)
+            res["single"] = _in_turn(rs, n_out)
             self.save(f"single model: {res['single']['decode_tok_s_p50'] or 0:.1f} tok/s")
         # Swap ceiling: a warm process drops its model, loads the other copy from disk and serves one request.
         res["swap_load_s"] = self._load(work["swap_b"])

@@ -31,18 +31,20 @@ class StreamError:
     body: dict[str, Any]
 
 
+def _text(chunk: str | StreamError) -> str:
+    return json.dumps(chunk.body, ensure_ascii=False) if isinstance(chunk, StreamError) else chunk
+
+
 async def frame(chunks: AsyncIterator[str | StreamError], fmt: StreamingFormat) -> AsyncIterator[str]:
     """Frame JSON chunks (and a final StreamError) in the configured format."""
     if fmt == "json_array":
-        items = [json.dumps(c.body, ensure_ascii=False) if isinstance(c, StreamError) else c async for c in chunks]
-        yield "[" + ", ".join(items) + "]"
+        yield "[" + ", ".join([_text(c) async for c in chunks]) + "]"
         return
     errored = False
     async for chunk in chunks:
-        if isinstance(chunk, StreamError):
-            errored = True
-            chunk = json.dumps(chunk.body, ensure_ascii=False)
-        yield f"data: {chunk}\n\n" if fmt == "sse" else chunk + "\n"
+        errored = isinstance(chunk, StreamError)
+        data = _text(chunk)
+        yield f"data: {data}\n\n" if fmt == "sse" else data + "\n"
     if fmt == "sse" and not errored:  # after an error event the stream just ends
         yield "data: [DONE]\n\n"
 
