@@ -26,6 +26,7 @@ from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .handles import Outbox, RequestHandle
 from .parsing import StreamParser
+from .prefill import prefill_step_for, prompts_being_read, size_prompt_batch
 from .prefix_cache import PrefixCache
 from .prompts import PromptBuilder
 from .sampling import SamplerPool
@@ -42,7 +43,7 @@ class EngineOptions:
     timeout: float = 300.0
     warmup_tokens: int = 0
     prefix_cache_bytes: int = 1 << 30
-    prefill_step_size: int | None = None  # prompt tokens per prefill chunk; None: by backend (_prefill_step_for)
+    prefill_step_size: int | None = None  # prompt tokens per prefill chunk; None: by backend (prefill.py)
     max_prefill_hold: int = 8  # steps new requests may wait for the prompt batch under way to move on to decoding
     idle_release_s: float | None = 2.0  # quiet seconds before MLX's cached buffers go back to the system; None: never
 
@@ -238,7 +239,7 @@ class ModelEngine:
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=self.options.max_batch_size,
             prefill_batch_size=min(8, self.options.max_batch_size),
-            prefill_step_size=self.options.prefill_step_size or _prefill_step_for(),
+            prefill_step_size=self.options.prefill_step_size or prefill_step_for(),
         )
 
     def _warm_up(self, w: _Worker) -> None:
@@ -267,16 +268,17 @@ class ModelEngine:
         return items
 
     def _admit_waiting(self, w: _Worker) -> None:
-        """Start the waiting requests, unless the generator still holds prompts that are not yet decoding.
+        """Start the waiting requests, unless the generator is still part-way through reading prompts.
 
         mlx-lm adds new prompts to a prompt batch that is already under way: their chunks no longer line up, so
         every chunk is left-padded and the finished batch's KV caches are rolled into place. On the H100, 8
         prompts of 2,048 tokens arriving a few at a time waited 8.7 s for their first token, against 2.4 s with
         the hold, and short prompts prefilled in misaligned batches of 2 and 6 took 130-200 ms a step instead of
-        40-90 ms in batches of 8. Holding them until the prompt batch is empty lets each one start together and
-        full; the hold is bounded, so a very long prompt cannot starve the ones behind it.
+        40-90 ms in batches of 8. Holding them until the prompts under way are read lets each batch start together;
+        the hold is bounded, so a very long prompt cannot starve the ones behind it. Prompts read up to their last
+        token hold nothing up: they move on to decoding in the step that reads the newcomers.
         """
-        if w.batch and w.held_steps < self.options.max_prefill_hold and _prefill_in_progress(w.gen):
+        if w.batch and w.held_steps < self.options.max_prefill_hold and prompts_being_read(w.gen):
             w.held_steps += 1
             return
         w.held_steps = 0
@@ -418,6 +420,7 @@ class ModelEngine:
             self._deliver(w, a, *step)
 
     def _step_batch(self, w: _Worker) -> None:
+        size_prompt_batch(w.gen)
         _, responses = w.gen.next()
         self.peak_batch_size = max(self.peak_batch_size, len(responses))
         for r in responses:
@@ -462,19 +465,6 @@ class ModelEngine:
             self._in_flight -= 1
 
 
-def _prefill_in_progress(gen: Any) -> bool:
-    """Whether `gen` holds prompts it has not started decoding: not yet read, or in its prompt batch.
-
-    Reads BatchGenerator internals (mlx-lm 0.32); if they change, nothing is held. A prompt batch whose prompts
-    are read but not yet decoding counts too: mlx-lm fills it up to `prefill_batch_size` before it moves them on,
-    so new prompts would fill the gaps (3 + 5, then 5 + 3, ...) and no prompt batch would start full again.
-    """
-    try:
-        return bool(gen._unprocessed_sequences) or len(gen._prompt_batch) > 0
-    except (AttributeError, TypeError):
-        return False
-
-
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], error: Exception | None) -> None:
     def settle() -> None:
         if fut.done():
@@ -496,20 +486,6 @@ def _freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _prefill_step_for() -> int:
-    """Prompt tokens per prefill chunk for the default device.
-
-    On a GPU each chunk pays a fixed launch of the whole model (8-15 ms of CPU work per forward pass on the H100 and
-    H200 hosts, whatever its size), so mlx-lm's 2,048 keeps a long prompt's TTFT down. Paired with raw mlx-lm on an
-    H200, 2,048-token prompts at c=1 had their first token 37 ms later than raw with 512-token chunks and 14 ms later
-    with 2,048; at c=32 the aggregate went from 0.84x to 0.92x of raw. On MLX's CPU backend compute dominates and
-    512-token chunks beat 2,048 (TTFT 1.4-1.9x lower, benchmarks/BENCHMARKS.md).
-    """
-    import mlx.core as mx
-
-    return 512 if mx.default_device() == mx.cpu else 2048
 
 
 def _clear_mlx_cache() -> None:

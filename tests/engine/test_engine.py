@@ -427,12 +427,12 @@ def test_a_failed_move_into_the_batch_ends_only_the_moved_request(
 
 
 @contextmanager
-def stepped_worker(model_dir: Path, options: EngineOptions) -> Iterator[tuple[ModelEngine, Any]]:
+def stepped_worker(model_dir: Path, options: EngineOptions, name: str = "random") -> Iterator[tuple[ModelEngine, Any]]:
     """An engine's worker driven step by step on this thread (`engine._tick`), so the timing is exact."""
     from mlx_lm import load
 
-    engine = ModelEngine(read_model_spec("random", model_dir / "random"), options)
-    model, tokenizer = load(str(model_dir / "random"))[:2]
+    engine = ModelEngine(read_model_spec(name, model_dir / name), options)
+    model, tokenizer = load(str(model_dir / name))[:2]
     loop = asyncio.new_event_loop()
     w = engine._new_worker(model, tokenizer, loop)
     try:
@@ -447,19 +447,19 @@ def test_new_prompts_wait_until_the_prompt_batch_has_read_its_prompts(model_dir:
     # A prompt added to a prompt batch part-way through its chunks is left-padded at every chunk, and the batch's
     # KV caches are rolled at the end (on CUDA the slowest part of long concurrent prompts). The engine holds it,
     # at most `max_prefill_hold` steps.
-    from mlx_router.core.engine import _prefill_in_progress
+    from mlx_router.core.prefill import prompts_being_read
 
     options = EngineOptions(max_batch_size=8, prefill_step_size=4, max_prefill_hold=hold)
     with stepped_worker(model_dir, options) as (engine, w):
         long_prompt = "a long prompt that takes the prefill many chunks of four tokens to read, number "
         loop = w.outbox._loop
         engine._tick(w, [RequestHandle(request(long_prompt + str(i), 5), loop) for i in range(2)])
-        assert len(w.batch) == 2 and _prefill_in_progress(w.gen)
+        assert len(w.batch) == 2 and prompts_being_read(w.gen)
         late = RequestHandle(request(long_prompt + "3", 5), loop)
         engine._tick(w, [late])
         steps, reading = 1, True
         while w.waiting:
-            reading = _prefill_in_progress(w.gen)
+            reading = prompts_being_read(w.gen)
             engine._tick(w, [])
             steps += 1
         assert len(w.batch) == 3
@@ -472,17 +472,62 @@ def test_new_prompts_wait_until_the_prompt_batch_has_read_its_prompts(model_dir:
             engine._tick(w, [])
 
 
-def test_a_prompt_batch_is_not_topped_up_while_its_read_prompts_wait_to_decode(model_dir: Path) -> None:
-    # mlx-lm fills a prompt batch up to its size before moving read prompts on to decoding: new prompts admitted
-    # then would take the free places, and prompt batches would alternate between partial sizes from then on.
+def test_prompts_arriving_while_read_prompts_wait_to_decode_are_read_in_that_step(model_dir: Path) -> None:
+    # Prompts read up to their last token move on to decoding before the step's pass of prompts, so newcomers need
+    # not wait a step for them, and they take no room from the newcomers in the pass.
     with stepped_worker(model_dir, EngineOptions(max_batch_size=16)) as (engine, w):
         loop = w.outbox._loop
-        engine._tick(w, [RequestHandle(request(f"short prompt {i}", 5), loop) for i in range(2)])
+        first = "a much longer first prompt, read before the others arrive, number "
+        engine._tick(w, [RequestHandle(request(first + str(i), 5), loop) for i in range(2)])
         assert len(w.gen._prompt_batch) == 2  # read, waiting for their first decoding step
-        engine._tick(w, [RequestHandle(request(f"later prompt {i}", 5), loop) for i in range(8)])
-        assert len(w.waiting) == 8 and len(w.gen._prompt_batch) == 0
-        engine._tick(w, [])
-        assert not w.waiting and len(w.gen._prompt_batch) == 8  # one full prompt batch
+        later = [RequestHandle(request(f"later prompt {i} " + "word " * i, 5), loop) for i in range(8)]
+        engine._tick(w, later)
+        assert not w.waiting and len(w.gen._generation_batch) == 2 and len(w.gen._prompt_batch) == 8
+        lengths = [len(engine._prompts.encode(w.tokenizer, h.request)[0]) for h in later]
+        padding = w.gen._prompt_batch.prompt_cache[0].left_padding.tolist()
+        assert padding == [max(lengths) - n for n in lengths]  # padded to the longest newcomer, not to the first two
+        while w.batch:
+            engine._tick(w, [])
+
+
+def test_a_prompt_batch_never_takes_the_batch_past_its_size(model_dir: Path) -> None:
+    with stepped_worker(model_dir, EngineOptions(max_batch_size=6)) as (engine, w):
+        loop = w.outbox._loop
+        engine._tick(w, [RequestHandle(request(f"short prompt {i}", 5), loop) for i in range(4)])
+        engine._tick(w, [RequestHandle(request(f"later prompt {i}", 5), loop) for i in range(5)])
+        sizes = []
+        while w.batch:
+            engine._tick(w, [])
+            sizes.append(len(w.gen._generation_batch) + len(w.gen._prompt_batch))
+        assert max(sizes) == 6
+
+
+def test_short_prompts_arriving_together_are_read_in_one_prompt_batch(model_dir: Path) -> None:
+    # mlx-lm reads 8 prompts per pass; the engine lets a pass take as many as fit in 8 full chunks' tokens, so a
+    # burst of short prompts starts decoding together. Prompts of different lengths share the pass, padded.
+    options = EngineOptions(max_batch_size=16, prefill_step_size=64)
+    with stepped_worker(model_dir, options, "alpha") as (engine, w):
+        loop = w.outbox._loop
+        words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+        handles = [RequestHandle(request(" ".join(words[: i + 1])), loop) for i in range(12)]
+        engine._tick(w, handles)
+        assert len(w.gen._prompt_batch) == 12
+        while w.batch:
+            engine._tick(w, [])
+        w.outbox.flush()
+        loop.run_until_complete(asyncio.sleep(0))  # deliver the events the engine sent to the loop
+        for h in handles:
+            events = list(h._pending)
+            assert isinstance(events[-1], Done) and text_of(events) == REPLIES["alpha"]
+
+
+def test_long_prompts_are_still_read_eight_at_a_time(model_dir: Path) -> None:
+    # Full chunks keep mlx-lm's 8 prompts per pass, and so its peak memory.
+    with stepped_worker(model_dir, EngineOptions(max_batch_size=16, prefill_step_size=4)) as (engine, w):
+        loop = w.outbox._loop
+        long_prompt = "a long prompt that takes the prefill many chunks of four tokens to read, number "
+        engine._tick(w, [RequestHandle(request(long_prompt + str(i), 3), loop) for i in range(10)])
+        assert len(w.gen._prompt_batch) == 8
         while w.batch:
             engine._tick(w, [])
 
