@@ -26,7 +26,7 @@ from .decode import RequestDecoder
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .handles import Outbox, RequestHandle
 from .parsing import StreamParser
-from .prefill import prefill_step_for, prompts_being_read, size_prompt_batch
+from .prefill import prefill_in_progress, prefill_step_for, size_prompt_batch
 from .prefix_cache import PrefixCache
 from .prompts import PromptBuilder
 from .sampling import SamplerPool
@@ -268,17 +268,16 @@ class ModelEngine:
         return items
 
     def _admit_waiting(self, w: _Worker) -> None:
-        """Start the waiting requests, unless the generator is still part-way through reading prompts.
+        """Start the waiting requests, unless the generator still holds prompts that are not yet decoding.
 
         mlx-lm adds new prompts to a prompt batch that is already under way: their chunks no longer line up, so
         every chunk is left-padded and the finished batch's KV caches are rolled into place. On the H100, 8
         prompts of 2,048 tokens arriving a few at a time waited 8.7 s for their first token, against 2.4 s with
         the hold, and short prompts prefilled in misaligned batches of 2 and 6 took 130-200 ms a step instead of
-        40-90 ms in batches of 8. Holding them until the prompts under way are read lets each batch start together;
-        the hold is bounded, so a very long prompt cannot starve the ones behind it. Prompts read up to their last
-        token hold nothing up: they move on to decoding in the step that reads the newcomers.
+        40-90 ms in batches of 8. Holding them until the prompt batch is empty lets each one start together and
+        full; the hold is bounded, so a very long prompt cannot starve the ones behind it.
         """
-        if w.batch and w.held_steps < self.options.max_prefill_hold and prompts_being_read(w.gen):
+        if w.batch and w.held_steps < self.options.max_prefill_hold and prefill_in_progress(w.gen):
             w.held_steps += 1
             return
         w.held_steps = 0
