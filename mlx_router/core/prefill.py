@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-# mlx-lm's prompt batch size. A prompt batch is allowed as many tokens per forward pass as this many full chunks.
-PROMPTS_PER_FULL_CHUNK = 8
+# A pass of prompts may read as many tokens as this many full chunks: mlx-lm reads 8 prompts per pass.
+FULL_CHUNKS_PER_PASS = 8
 
 
 def prefill_step_for() -> int:
@@ -56,7 +56,7 @@ def size_prompt_batch(gen: Any) -> None:
         return
     if waiting:
         chunks = (min(len(segments[0]), step) for segments in [*rows, *waiting])
-        gen.prefill_batch_size = max(1, min(prompts_that_fit(chunks, PROMPTS_PER_FULL_CHUNK * step), room))
+        gen.prefill_batch_size = max(1, min(prompts_that_fit(chunks, FULL_CHUNKS_PER_PASS * step), room))
 
 
 def prefill_in_progress(gen: Any) -> bool:
