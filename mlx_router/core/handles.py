@@ -33,7 +33,7 @@ class RequestHandle:
         self._cancelled.set()
 
     def push(self, event: Event) -> None:
-        """Deliver one event from another thread (the engine batches a step's events through `_Outbox` instead)."""
+        """Deliver one event from another thread (the engine batches a step's events through `Outbox` instead)."""
         self._loop.call_soon_threadsafe(self._receive, [event])
 
     def _receive(self, events: list[Event]) -> None:

@@ -49,14 +49,15 @@ def size_prompt_batch(gen: Any) -> None:
     the prompt batch and the decoding batch together stay within the generator's decoding batch size.
     """
     try:
+        if not gen._unprocessed_sequences:  # every decode step asks: answer the common case before building lists
+            return
         step, room = gen.prefill_step_size, gen.completion_batch_size - len(gen._generation_batch)
         rows = [segments for segments, _, _ in gen._currently_processing]
         waiting = [seq[1] for seq in gen._unprocessed_sequences]
     except (AttributeError, TypeError, ValueError):
         return
-    if waiting:
-        chunks = (min(len(segments[0]), step) for segments in [*rows, *waiting])
-        gen.prefill_batch_size = max(1, min(prompts_that_fit(chunks, FULL_CHUNKS_PER_PASS * step), room))
+    chunks = (min(len(segments[0]), step) for segments in [*rows, *waiting])
+    gen.prefill_batch_size = max(1, min(prompts_that_fit(chunks, FULL_CHUNKS_PER_PASS * step), room))
 
 
 def prefill_in_progress(gen: Any) -> bool:
