@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from ..config.discovery import ModelSpec
 from .constrained import ConstraintCompiler
 from .decode import RequestDecoder
+from .decode_attention import install as route_decode_attention
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .handles import Outbox, RequestHandle
 from .parsing import StreamParser
@@ -143,6 +144,7 @@ class ModelEngine:
         try:
             from mlx_lm import load
 
+            route_decode_attention()
             model, tokenizer = load(str(self.spec.path))[:2]
         except Exception as exc:  # any loader failure is reported, never raised into the thread's void
             logger.error("loading {} failed: {}", self.spec.id, exc)
