@@ -25,6 +25,7 @@ from .constrained import ConstraintCompiler
 from .decode import RequestDecoder
 from .decode_attention import install as route_decode_attention
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
+from .fused_projections import fuse_projections
 from .handles import Outbox, RequestHandle
 from .parsing import StreamParser
 from .prefill import prefill_in_progress, prefill_step_for, size_prompt_batch
@@ -146,6 +147,7 @@ class ModelEngine:
 
             route_decode_attention()
             model, tokenizer = load(str(self.spec.path))[:2]
+            fuse_projections(model)
         except Exception as exc:  # any loader failure is reported, never raised into the thread's void
             logger.error("loading {} failed: {}", self.spec.id, exc)
             _resolve(loop, ready, ModelLoadFailed(f"model '{self.spec.id}' could not be loaded: {exc}"))
