@@ -12,7 +12,9 @@ reaches MLX unchanged. On an H200 with an 8B model, steps in one process with th
 The kernel: one thread block per (row, KV head), so K and V are read once for the query heads that share them. Its
 warps take every 8th key; each lane holds `D / 32` of every head's dimensions, and an online softmax in float32 keeps
 one pass over K and V. The warps' partial results are merged in shared memory. Masked keys are skipped, so the
-padding costs no reads. K and V are read in place from the cache's strided views.
+padding costs no reads. K and V are read in place from the cache's strided views. The kernel takes each array's
+strides but expects the head axis (the last) to be contiguous. That holds for every layout mlx-lm produces: heads
+split from a projection's last axis, and the cache's buffers.
 """
 
 from __future__ import annotations
