@@ -105,6 +105,7 @@ class ModelEngine:
         # How often a request moved between decoding alone and the batch (diagnostics and tests).
         self.moves_to_batch = 0
         self.moves_to_solo = 0
+        self._attention_routed = False  # set on the engine thread when the model loads
 
     @property
     def in_flight(self) -> int:
@@ -145,7 +146,7 @@ class ModelEngine:
         try:
             from mlx_lm import load
 
-            route_decode_attention()
+            self._attention_routed = route_decode_attention()
             model, tokenizer = load(str(self.spec.path))[:2]
             fuse_projections(model)
         except Exception as exc:  # any loader failure is reported, never raised into the thread's void
@@ -250,6 +251,12 @@ class ModelEngine:
         """Compile the kernels of both decode paths before the first request."""
         n = self.options.warmup_tokens
         if n <= 0:
+            if self._attention_routed:
+                # The decode-attention kernel is compiled on its first batched step: about 5 s on the H200, which
+                # the first two overlapping requests would otherwise wait. Two rows of different lengths take it.
+                w.gen.insert([[0], [0, 1]], max_tokens=[1, 1])
+                while w.gen.next_generated():
+                    pass
             return
         solo = SoloStream(
             w.gen, cache=None, tokens=[], rest=[0, 1], max_tokens=n, sampler=greedy_sampler, logits_processors=[],

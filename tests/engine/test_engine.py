@@ -606,3 +606,34 @@ def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Pat
         return kept
 
     assert asyncio.run(run()) > 0
+
+
+def test_where_decode_attention_is_routed_a_load_takes_one_batched_step_first(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA the decode-attention kernel compiles on its first batched step: the load takes that step (two rows of
+    # different lengths), so the first overlapping requests do not wait for the compiler. Pretended here on the CPU.
+    from mlx_lm.generate import BatchGenerator
+
+    import mlx_router.core.engine as engine_module
+
+    inserted: list[list[int]] = []
+    real_insert = BatchGenerator.insert
+
+    def spy(self: Any, prompts: list[list[int]], *args: Any, **kwargs: Any) -> Any:
+        inserted.extend(prompts)
+        return real_insert(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(BatchGenerator, "insert", spy)
+    monkeypatch.setattr(engine_module, "route_decode_attention", lambda: True)
+
+    async def run() -> str:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
+        await engine.start()
+        assert sorted(map(len, inserted)) == [1, 2]
+        text, done = await collect(engine.submit(request("hello")))
+        await engine.stop()
+        assert isinstance(done, Done)
+        return text
+
+    assert asyncio.run(run()) == REPLIES["alpha"]
