@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from typing import Any
 
 from loguru import logger
@@ -28,7 +29,7 @@ from loguru import logger
 WARPS = 8
 SHARED_BYTES = 48 * 1024  # static shared memory a block may use without opting in
 DISABLE_ENV = "MLX_ROUTER_STOCK_ATTENTION"  # "1": keep MLX's own path (to compare, or if the kernel misbehaves)
-_HEAD_DIMS = (64, 80, 96, 128, 160, 192, 256)  # multiples of 32 lanes' worth up to the largest head MLX serves
+_HEAD_DIMS = (64, 96, 128, 160, 192, 256)  # multiples of the 32 lanes: each lane holds D / 32 of a head
 _SOURCE = """
     constexpr int PER_LANE = D / 32;
     const float scale = __int_as_float(SCALE_BITS);
@@ -95,6 +96,7 @@ _SOURCE = """
 """
 _kernel: Any = None
 _stock: Any = None
+_installing = threading.Lock()  # two models' engine threads may load at once
 
 
 def applies(
@@ -178,11 +180,12 @@ def install() -> bool:
     import mlx.core as mx
 
     global _stock
-    if _stock is not None:
-        return True
-    if os.environ.get(DISABLE_ENV) == "1" or not mx.cuda.is_available():
-        return False
-    _stock = mx.fast.scaled_dot_product_attention
-    mx.fast.scaled_dot_product_attention = _routed
+    with _installing:
+        if _stock is not None:
+            return True
+        if os.environ.get(DISABLE_ENV) == "1" or not mx.cuda.is_available():
+            return False
+        _stock = mx.fast.scaled_dot_product_attention
+        mx.fast.scaled_dot_product_attention = _routed
     logger.info("batched decode attention runs in mlx-router's CUDA kernel ({}=1 to keep MLX's own)", DISABLE_ENV)
     return True

@@ -148,11 +148,13 @@ class ModelEngine:
 
             self._attention_routed = route_decode_attention()
             model, tokenizer = load(str(self.spec.path))[:2]
-            fuse_projections(model)
         except Exception as exc:  # any loader failure is reported, never raised into the thread's void
-            logger.error("loading {} failed: {}", self.spec.id, exc)
-            _resolve(loop, ready, ModelLoadFailed(f"model '{self.spec.id}' could not be loaded: {exc}"))
+            self._load_failed(loop, ready, exc)
             return
+        try:
+            fuse_projections(model)
+        except Exception:  # the groups fused so far are complete: the model computes the same, a little slower
+            logger.exception("fusing the projections of {} failed; it is served as loaded", self.spec.id)
         try:
             self._serve(model, tokenizer, loop, ready, started)
         finally:
@@ -161,11 +163,19 @@ class ModelEngine:
             _freeze_heap()
             _clear_mlx_cache()
 
+    def _load_failed(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], exc: Exception) -> None:
+        logger.error("loading {} failed: {}", self.spec.id, exc)
+        _resolve(loop, ready, ModelLoadFailed(f"model '{self.spec.id}' could not be loaded: {exc}"))
+
     def _serve(
         self, model: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], t0: float
     ) -> None:
-        w = self._new_worker(model, tokenizer, loop)
-        self._warm_up(w)
+        try:
+            w = self._new_worker(model, tokenizer, loop)
+            self._warm_up(w)
+        except Exception as exc:  # out of memory in the warm-up, say: the load fails rather than hangs
+            self._load_failed(loop, ready, exc)
+            return
         _freeze_heap()
         logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
         _resolve(loop, ready, None)
@@ -252,9 +262,10 @@ class ModelEngine:
         n = self.options.warmup_tokens
         if n <= 0:
             if self._attention_routed:
-                # The decode-attention kernel is compiled on its first batched step: about 5 s on the H200, which
-                # the first two overlapping requests would otherwise wait. Two rows of different lengths take it.
-                w.gen.insert([[0], [0, 1]], max_tokens=[1, 1])
+                # MLX compiles the decode-attention kernel on its first call, which the first overlapping requests
+                # would wait for (5.4 s in a bench run on the H200). A batch's decode step passes a padding mask even
+                # for one row, so one row's step compiles it.
+                w.gen.insert([[0, 1]], max_tokens=[1])
                 while w.gen.next_generated():
                     pass
             return

@@ -91,6 +91,8 @@ def fuse_projections(model: Any) -> int:
         for fused_name, names in _GROUPS.items():
             if not all(isinstance(module.get(n), nn.Module) for n in names):
                 continue
+            if getattr(module, "is_kv_shared_layer", False):  # Gemma 3n: it calls q_proj alone, k/v would be waste
+                continue
             made = _fuse([module[n] for n in names])
             if made is None:
                 continue

@@ -32,6 +32,7 @@ def test_the_kernel_takes_only_batched_decode_steps_with_a_boolean_padding_mask(
     assert not _rule((4, 32, 1, 128), (4, 8, 300, 128), (4, 1, 1, 300), has_sinks=True)
     assert not _rule((4, 32, 1, 128), (4, 8, 300, 128), (4, 1, 1, 300), same_dtypes=False)
     assert not _rule((4, 32, 1, 120), (4, 8, 300, 120), (4, 1, 1, 300))  # a head size the lanes do not divide
+    assert not _rule((4, 32, 1, 80), (4, 32, 300, 80), (4, 1, 1, 300))  # Phi-2's 80: 2.5 dimensions a lane
     assert not _rule((4, 30, 1, 128), (4, 8, 300, 128), (4, 1, 1, 300))  # heads not a multiple of KV heads
     assert _rule((4, 64, 1, 128), (4, 8, 300, 128), (4, 1, 1, 300))  # 8 query heads a KV head: Llama-3 70B
     assert not _rule((4, 64, 1, 256), (4, 2, 300, 256), (4, 1, 1, 300))  # 32 a KV head: over the shared memory

@@ -15,6 +15,7 @@ from conftest import REPLIES, never_eos
 
 from mlx_router.config.discovery import read_model_spec
 from mlx_router.core.engine import EngineOptions, ModelEngine
+from mlx_router.core.errors import ModelLoadFailed
 from mlx_router.core.handles import RequestHandle
 from mlx_router.core.types import (
     Done,
@@ -608,32 +609,69 @@ def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Pat
     assert asyncio.run(run()) > 0
 
 
-def test_where_decode_attention_is_routed_a_load_takes_one_batched_step_first(
+def test_where_decode_attention_is_routed_a_load_takes_one_batched_decode_step(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # On CUDA the decode-attention kernel compiles on its first batched step: the load takes that step (two rows of
-    # different lengths), so the first overlapping requests do not wait for the compiler. Pretended here on the CPU.
-    from mlx_lm.generate import BatchGenerator
+    # On CUDA the decode-attention kernel compiles on its first call: a load takes a batched decode step, whose
+    # attention (one query, a padding mask) is the call the kernel serves. Pretended here on the CPU.
+    import mlx.core as mx
 
     import mlx_router.core.engine as engine_module
 
-    inserted: list[list[int]] = []
-    real_insert = BatchGenerator.insert
+    masked_decode_calls = 0
+    real_sdpa = mx.fast.scaled_dot_product_attention
 
-    def spy(self: Any, prompts: list[list[int]], *args: Any, **kwargs: Any) -> Any:
-        inserted.extend(prompts)
-        return real_insert(self, prompts, *args, **kwargs)
+    def spy(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        nonlocal masked_decode_calls
+        masked_decode_calls += q.shape[2] == 1 and isinstance(kwargs.get("mask"), mx.array)
+        return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(BatchGenerator, "insert", spy)
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(engine_module, "route_decode_attention", lambda: True)
 
     async def run() -> str:
         engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
         await engine.start()
-        assert sorted(map(len, inserted)) == [1, 2]
+        assert masked_decode_calls > 0
         text, done = await collect(engine.submit(request("hello")))
         await engine.stop()
         assert isinstance(done, Done)
+        return text
+
+    assert asyncio.run(run()) == REPLIES["alpha"]
+
+
+def test_a_failed_warm_up_fails_the_load_instead_of_hanging_it(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*_: Any) -> None:
+        raise RuntimeError("out of memory in the warm-up")
+
+    monkeypatch.setattr(ModelEngine, "_warm_up", fail)
+
+    async def run() -> None:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
+        with pytest.raises(ModelLoadFailed, match="out of memory in the warm-up"):
+            await asyncio.wait_for(engine.start(), 60)
+
+    asyncio.run(run())
+
+
+def test_a_model_whose_projections_cannot_be_fused_is_served_as_loaded(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlx_router.core.engine as engine_module
+
+    def fail(_: Any) -> int:
+        raise RuntimeError("no room for the concatenated weights")
+
+    monkeypatch.setattr(engine_module, "fuse_projections", fail)
+
+    async def run() -> str:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
+        await engine.start()
+        text, _ = await collect(engine.submit(request("hello")))
+        await engine.stop()
         return text
 
     assert asyncio.run(run()) == REPLIES["alpha"]

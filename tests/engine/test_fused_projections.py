@@ -70,3 +70,11 @@ def test_fusion_can_be_turned_off(model_path: Path, monkeypatch: pytest.MonkeyPa
     model = _load(model_path)
     assert fuse_projections(model) == 0
     assert type(model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def test_attention_that_shares_another_layers_kv_is_left_alone(model_path: Path) -> None:
+    # Gemma 3n's KV-shared layers call q_proj alone: fused, each call would compute k and v for nothing.
+    model = _load(model_path)
+    model.layers[0].self_attn.is_kv_shared_layer = True
+    assert fuse_projections(model) == 2 * len(model.layers) - 1
+    assert type(model.layers[0].self_attn.q_proj) is nn.Linear
