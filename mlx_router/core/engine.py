@@ -258,26 +258,21 @@ class ModelEngine:
         )
 
     def _warm_up(self, w: _Worker) -> None:
-        """Compile the kernels of both decode paths before the first request."""
+        """Compile the kernels of both decode paths before the first request (`warmup_tokens`). On CUDA the batch's
+        step runs regardless: MLX compiles the decode-attention kernel on its first call, which the first overlapping
+        requests would wait for (5.4 s in a bench run on the H200); a batch passes a padding mask even for one row."""
         n = self.options.warmup_tokens
-        if n <= 0:
-            if self._attention_routed:
-                # MLX compiles the decode-attention kernel on its first call, which the first overlapping requests
-                # would wait for (5.4 s in a bench run on the H200). A batch's decode step passes a padding mask even
-                # for one row, so one row's step compiles it.
-                w.gen.insert([[0, 1]], max_tokens=[1])
-                while w.gen.next_generated():
-                    pass
-            return
-        solo = SoloStream(
-            w.gen, cache=None, tokens=[], rest=[0, 1], max_tokens=n, sampler=greedy_sampler, logits_processors=[],
-            stop_tokens=(),
-        )  # fmt: skip
-        while (step := solo.advance()) is None or step[2] is None:
-            pass
-        w.gen.insert([[0, 1]], max_tokens=[n])
-        while w.gen.next_generated():
-            pass
+        if n > 0:
+            solo = SoloStream(
+                w.gen, cache=None, tokens=[], rest=[0, 1], max_tokens=n, sampler=greedy_sampler, logits_processors=[],
+                stop_tokens=(),
+            )  # fmt: skip
+            while (step := solo.advance()) is None or step[2] is None:
+                pass
+        if n > 0 or self._attention_routed:
+            w.gen.insert([[0, 1]], max_tokens=[max(n, 1)])
+            while w.gen.next_generated():
+                pass
 
     def _take_inbox(self, block: bool) -> list[Any]:
         items: list[Any] = []
