@@ -669,7 +669,7 @@ def test_a_model_whose_projections_cannot_be_fused_is_served_as_loaded(
 
     async def run() -> str:
         engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
-        await engine.start()
+        await asyncio.wait_for(engine.start(), 60)  # an escaped error would leave the load pending: fail, not hang
         text, _ = await collect(engine.submit(request("hello")))
         await engine.stop()
         return text
