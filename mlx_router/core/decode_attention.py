@@ -5,9 +5,10 @@ to `mx.fast.scaled_dot_product_attention`. MLX 0.32's CUDA backend has no fused 
 mask (cuDNN's decode path and the vector kernel both refuse it), so each layer falls back to about seven ops: mask
 conversion, scaling, two matmuls, masking, a float32 softmax and reshapes. Those ops cost CPU time to launch, which
 bounds a decode step at batch 8-32, and GPU time that grows with the context. `install()` routes exactly those calls
-to `masked_decode_attention` below; every other call (prefill, a lone sequence, which has no mask, other backends)
-reaches MLX unchanged. On an H200 with an 8B model, steps in one process with the routing switched in turn: batch 8
-1.18x, 32 1.39x, 128 3.5x, 32 rows of 1,800-token prompts 2.1x faster (BENCHMARKS.md, session 9).
+to `masked_decode_attention` below, and prefill calls with small scores to plain ops (`prefill_attention.py`: cuDNN
+builds a graph for every new shape); every other call (long prefill, a lone sequence, which has no mask, other
+backends) reaches MLX unchanged. On an H200 with an 8B model, steps in one process with the routing switched in
+turn: batch 8 1.18x, 32 1.39x, 128 3.5x, 32 rows of 1,800-token prompts 2.1x faster (BENCHMARKS.md, session 9).
 
 The kernel: one thread block per (row, KV head), so K and V are read once for the query heads that share them. Its
 warps take every 8th key; each lane holds `D / 32` of every head's dimensions, and an online softmax in float32 keeps
@@ -25,6 +26,8 @@ import threading
 from typing import Any
 
 from loguru import logger
+
+from .prefill_attention import takes_unfused, unfused_attention
 
 WARPS = 8
 SHARED_BYTES = 48 * 1024  # static shared memory a block may use without opting in
@@ -157,26 +160,27 @@ def masked_decode_attention(q: Any, k: Any, v: Any, *, scale: float, mask: Any) 
 def _routed(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, sinks: Any = None, **kwargs: Any) -> Any:
     import mlx.core as mx
 
-    if (
-        not kwargs
-        and isinstance(mask, mx.array)
-        and applies(
-            tuple(q.shape),
-            tuple(k.shape),
-            tuple(v.shape),
-            tuple(mask.shape),
-            same_dtypes=q.dtype == k.dtype == v.dtype,
-            bool_mask=mask.dtype == mx.bool_,
-            has_sinks=sinks is not None,
-        )
+    if kwargs:  # a stream of the caller's choosing: MLX's own
+        return _stock(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
+    if isinstance(mask, mx.array) and applies(
+        tuple(q.shape),
+        tuple(k.shape),
+        tuple(v.shape),
+        tuple(mask.shape),
+        same_dtypes=q.dtype == k.dtype == v.dtype,
+        bool_mask=mask.dtype == mx.bool_,
+        has_sinks=sinks is not None,
     ):
         return masked_decode_attention(q, k, v, scale=scale, mask=mask)
-    return _stock(q, k, v, scale=scale, mask=mask, sinks=sinks, **kwargs)
+    if takes_unfused(tuple(q.shape), tuple(k.shape), has_sinks=sinks is not None):
+        return unfused_attention(q, k, v, scale=scale, mask=mask)
+    return _stock(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
 def install() -> bool:
-    """Route batched decode attention to the kernel on MLX's CUDA backend; idempotent. False where it does not apply
-    (Metal, which has a fused masked kernel of its own; the CPU; `MLX_ROUTER_STOCK_ATTENTION=1`)."""
+    """Route batched decode attention to the kernel, and short prefill to plain ops, on MLX's CUDA backend;
+    idempotent. False where it does not apply (Metal, which has fused kernels of its own for both; the CPU;
+    `MLX_ROUTER_STOCK_ATTENTION=1`)."""
     import mlx.core as mx
 
     global _stock
@@ -187,5 +191,8 @@ def install() -> bool:
             return False
         _stock = mx.fast.scaled_dot_product_attention
         mx.fast.scaled_dot_product_attention = _routed
-    logger.info("batched decode attention runs in mlx-router's CUDA kernel ({}=1 to keep MLX's own)", DISABLE_ENV)
+    logger.info(
+        "batched decode attention runs in mlx-router's CUDA kernel, short prefill as plain ops ({}=1: MLX's own)",
+        DISABLE_ENV,
+    )
     return True

@@ -23,7 +23,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from ..config.discovery import ModelSpec
 from .constrained import ConstraintCompiler
 from .decode import RequestDecoder
-from .decode_attention import install as route_decode_attention
+from .decode_attention import install as route_attention
 from .errors import ContextTooLong, GenerationFailed, GenerationTimeout, ModelLoadFailed, Overloaded, RouterError
 from .fused_projections import fuse_projections
 from .handles import Outbox, RequestHandle
@@ -146,7 +146,7 @@ class ModelEngine:
         try:
             from mlx_lm import load
 
-            self._attention_routed = route_decode_attention()
+            self._attention_routed = route_attention()
             model, tokenizer = load(str(self.spec.path))[:2]
         except Exception as exc:  # any loader failure is reported, never raised into the thread's void
             self._load_failed(loop, ready, exc)
@@ -172,12 +172,14 @@ class ModelEngine:
     ) -> None:
         try:
             w = self._new_worker(model, tokenizer, loop)
+            warm_from = time.perf_counter()
             self._warm_up(w)
         except Exception as exc:  # out of memory in the warm-up, say: the load fails rather than hangs
             self._load_failed(loop, ready, exc)
             return
         _freeze_heap()
-        logger.info("loaded {} in {:.2f}s", self.spec.id, time.perf_counter() - t0)
+        now = time.perf_counter()
+        logger.info("loaded {} in {:.2f}s (warm-up {:.2f}s)", self.spec.id, now - t0, now - warm_from)
         _resolve(loop, ready, None)
         quiet_since: float | None = time.monotonic()  # since when nothing ran; None once the cache was given back
         while True:

@@ -627,7 +627,7 @@ def test_where_decode_attention_is_routed_a_load_takes_one_batched_decode_step(
         return real_sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(engine_module, "route_decode_attention", lambda: True)
+    monkeypatch.setattr(engine_module, "route_attention", lambda: True)
 
     async def run() -> str:
         engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
