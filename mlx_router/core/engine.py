@@ -33,7 +33,7 @@ from .prefix_cache import PrefixCache
 from .prompts import PromptBuilder
 from .sampling import SamplerPool
 from .single_stream import SoloStream
-from .types import Done, Event, Failed, GenerationRequest, Started
+from .types import Done, Event, Failed, GenerationRequest, SamplingParams, Started
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +260,14 @@ class ModelEngine:
         )
 
     def _warm_up(self, w: _Worker) -> None:
-        """Compile the kernels of both decode paths before the first request (`warmup_tokens`). On CUDA the batch's
-        step runs regardless: MLX compiles the decode-attention kernel on its first call, which the first overlapping
-        requests would wait for (5.4 s in a bench run on the H200); a batch passes a padding mask even for one row."""
+        """Compile the kernels of both decode paths before the first request (`warmup_tokens`).
+
+        On CUDA the batch's warm-up runs regardless, since MLX compiles kernels on first use (NVRTC, some seconds
+        each on a machine whose PTX cache is empty): the decode-attention kernel (the first overlapping requests
+        waited 5.4 s for it in a bench run on the H200), the prefill ops of left-padded rows, and a temperature
+        sampler's kernels (the first request at temperature 1 waited 12 s on a fresh H200). Two prompts of different
+        lengths, so the batch pads one and passes a mask, as it does for any batch.
+        """
         n = self.options.warmup_tokens
         if n > 0:
             solo = SoloStream(
@@ -272,7 +277,8 @@ class ModelEngine:
             while (step := solo.advance()) is None or step[2] is None:
                 pass
         if n > 0 or self._attention_routed:
-            w.gen.insert([[0, 1]], max_tokens=[max(n, 1)])
+            sampler = w.samplers.get(SamplingParams(max_tokens=1, temperature=1.0))
+            w.gen.insert([[0, 1, 2, 3], [0, 1, 2]], max_tokens=[max(n, 2)] * 2, samplers=[sampler] * 2)
             while w.gen.next_generated():
                 pass
 

@@ -609,30 +609,37 @@ def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Pat
     assert asyncio.run(run()) > 0
 
 
-def test_where_decode_attention_is_routed_a_load_takes_one_batched_decode_step(
+def test_where_attention_is_routed_a_load_takes_a_padded_batch_through_prefill_and_decode(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # On CUDA the decode-attention kernel compiles on its first call: a load takes a batched decode step, whose
-    # attention (one query, a padding mask) is the call the kernel serves. Pretended here on the CPU.
+    # On CUDA, MLX compiles kernels on first use: a load runs a batch of two prompts of different lengths, so the
+    # prefill of left-padded rows (several queries, a mask), the batched decode step (one query, a mask: the
+    # decode-attention kernel) and a temperature sampler all run once. Pretended here on the CPU.
     import mlx.core as mx
 
     import mlx_router.core.engine as engine_module
+    import mlx_router.core.sampling as sampling_module
 
-    masked_decode_calls = 0
-    real_sdpa = mx.fast.scaled_dot_product_attention
+    calls = {"padded_prefill": 0, "masked_decode": 0, "sampled": 0}
+    real_sdpa, real_draw = mx.fast.scaled_dot_product_attention, sampling_module._draw
 
     def spy(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
-        nonlocal masked_decode_calls
-        masked_decode_calls += q.shape[2] == 1 and isinstance(kwargs.get("mask"), mx.array)
+        if isinstance(kwargs.get("mask"), mx.array):
+            calls["masked_decode" if q.shape[2] == 1 else "padded_prefill"] += 1
         return real_sdpa(q, k, v, **kwargs)
 
+    def draw(*args: Any) -> Any:
+        calls["sampled"] += 1
+        return real_draw(*args)
+
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(sampling_module, "_draw", draw)
     monkeypatch.setattr(engine_module, "route_attention", lambda: True)
 
     async def run() -> str:
         engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
         await engine.start()
-        assert masked_decode_calls > 0
+        assert all(calls.values()), calls
         text, done = await collect(engine.submit(request("hello")))
         await engine.stop()
         assert isinstance(done, Done)
