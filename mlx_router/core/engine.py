@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
-from mlx_lm.sample_utils import greedy_sampler
 
 from ..config.discovery import ModelSpec
 from .constrained import ConstraintCompiler
@@ -265,22 +264,24 @@ class ModelEngine:
         On CUDA the batch's warm-up runs regardless, since MLX compiles kernels on first use (NVRTC, some seconds
         each on a machine whose PTX cache is empty): the decode-attention kernel (the first overlapping requests
         waited 5.4 s for it in a bench run on the H200), the prefill ops of left-padded rows, and a temperature
-        sampler's kernels (the first request at temperature 1 waited 12 s on a fresh H200). Two prompts of different
-        lengths, so the batch pads one and passes a mask, as it does for any batch.
+        sampler's kernels, which differ for one row and several (the first request at temperature 1 waited 12-14 s on
+        a fresh H200). So a lone stream runs, then a batch of two prompts of different lengths, which pads one and
+        passes a mask as any batch does.
         """
         n = self.options.warmup_tokens
-        if n > 0:
-            solo = SoloStream(
-                w.gen, cache=None, tokens=[], rest=[0, 1], max_tokens=n, sampler=greedy_sampler, logits_processors=[],
-                stop_tokens=(),
-            )  # fmt: skip
-            while (step := solo.advance()) is None or step[2] is None:
-                pass
-        if n > 0 or self._attention_routed:
-            sampler = w.samplers.get(SamplingParams(max_tokens=1, temperature=1.0))
-            w.gen.insert([[0, 1, 2, 3], [0, 1, 2]], max_tokens=[max(n, 2)] * 2, samplers=[sampler] * 2)
-            while w.gen.next_generated():
-                pass
+        if n == 0 and not self._attention_routed:
+            return
+        steps = max(n, 2)
+        sampler = w.samplers.get(SamplingParams(max_tokens=steps, temperature=1.0))
+        solo = SoloStream(
+            w.gen, cache=None, tokens=[], rest=[0, 1, 2], max_tokens=steps, sampler=sampler, logits_processors=[],
+            stop_tokens=(),
+        )  # fmt: skip
+        while (step := solo.advance()) is None or step[2] is None:
+            pass
+        w.gen.insert([[0, 1, 2, 3], [0, 1, 2]], max_tokens=[steps] * 2, samplers=[sampler] * 2)
+        while w.gen.next_generated():
+            pass
 
     def _take_inbox(self, block: bool) -> list[Any]:
         items: list[Any] = []
