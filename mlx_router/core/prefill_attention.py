@@ -60,7 +60,7 @@ def unfused_attention(q: Any, k: Any, v: Any, *, scale: float, mask: Any) -> Any
     if mask is not None and mask.dtype == mx.bool_:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     elif mask is not None:
-        scores = scores + mask
+        scores = scores + mask.astype(scores.dtype)  # a float32 mask would promote the scores and all that follows
     weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights @ mx.expand_dims(v, 2)).reshape(rows, heads, queries, dim)
 

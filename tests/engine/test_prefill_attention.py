@@ -74,6 +74,15 @@ def test_a_query_that_sees_no_key_stays_finite() -> None:
     assert mx.allclose(got[:, :, 2:].astype(mx.float32), want[:, :, 2:].astype(mx.float32), atol=0.05).item()
 
 
+def test_the_output_keeps_the_type_of_the_queries() -> None:
+    q, k, v = _qkv(2, 4, 2, 5, 7, mx.bfloat16)
+    additive = mx.random.normal((2, 1, 5, 7))  # float32
+    got = unfused_attention(q, k, v, scale=0.125, mask=additive)
+    assert got.dtype == mx.bfloat16
+    want = STOCK(q, k, v, scale=0.125, mask=additive.astype(mx.bfloat16))
+    assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=0.05).item()
+
+
 def test_an_unknown_mask_name_is_refused() -> None:
     q, k, v = _qkv(1, 2, 2, 3, 3)
     with pytest.raises(ValueError, match="unknown attention mask"):
