@@ -173,12 +173,12 @@ class ModelEngine:
             w = self._new_worker(model, tokenizer, loop)
             warm_from = time.perf_counter()
             self._warm_up(w)
+            warm_up_s = time.perf_counter() - warm_from
         except Exception as exc:  # out of memory in the warm-up, say: the load fails rather than hangs
             self._load_failed(loop, ready, exc)
             return
         _freeze_heap()
-        now = time.perf_counter()
-        logger.info("loaded {} in {:.2f}s (warm-up {:.2f}s)", self.spec.id, now - t0, now - warm_from)
+        logger.info("loaded {} in {:.2f}s (warm-up {:.2f}s)", self.spec.id, time.perf_counter() - t0, warm_up_s)
         _resolve(loop, ready, None)
         quiet_since: float | None = time.monotonic()  # since when nothing ran; None once the cache was given back
         while True:

@@ -612,19 +612,22 @@ def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Pat
 def test_where_attention_is_routed_a_load_takes_a_padded_batch_through_prefill_and_decode(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # On CUDA, MLX compiles kernels on first use: a load runs a batch of two prompts of different lengths, so the
-    # prefill of left-padded rows (several queries, a mask), the batched decode step (one query, a mask: the
-    # decode-attention kernel) and a temperature sampler all run once. Pretended here on the CPU.
+    # On CUDA, MLX compiles kernels on first use: a load runs a lone stream, then a batch of two prompts of different
+    # lengths, so a lone prefill (a named causal mask), the batch's prefill and decode step (masks as arrays; one
+    # query: the decode-attention kernel) and a temperature sampler all run once. Pretended here on the CPU.
     import mlx.core as mx
 
     import mlx_router.core.engine as engine_module
     import mlx_router.core.sampling as sampling_module
 
-    calls = {"padded_prefill": 0, "masked_decode": 0, "sampled": 0}
+    calls = {"lone_prefill": 0, "padded_prefill": 0, "masked_decode": 0, "sampled": 0}
     real_sdpa, real_draw = mx.fast.scaled_dot_product_attention, sampling_module._draw
 
     def spy(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
-        if isinstance(kwargs.get("mask"), mx.array):
+        mask = kwargs.get("mask")
+        if isinstance(mask, str):  # a lone stream's cache (mlx-lm's KVCache) names its mask; a batch's builds an array
+            calls["lone_prefill"] += 1
+        elif isinstance(mask, mx.array):
             calls["masked_decode" if q.shape[2] == 1 else "padded_prefill"] += 1
         return real_sdpa(q, k, v, **kwargs)
 
