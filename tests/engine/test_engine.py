@@ -651,6 +651,43 @@ def test_where_attention_is_routed_a_load_takes_a_padded_batch_through_prefill_a
     assert asyncio.run(run()) == REPLIES["alpha"]
 
 
+def test_the_warm_up_batch_takes_its_decode_step_even_when_its_first_token_is_an_end_token(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model may well answer the warm-up's made-up prompts with its end token. The batch still takes a decode step:
+    # mlx-lm reads a prompt's last token in one, which is where the first token comes from. Here every token ends a
+    # request (mlx-lm 0.32's generator default).
+    import mlx.core as mx
+    from mlx_lm.generate import StopSequences
+
+    import mlx_router.core.engine as engine_module
+
+    masked_decode_calls = 0
+    real_sdpa, real_make = mx.fast.scaled_dot_product_attention, ModelEngine._make_batch_generator
+
+    def spy(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+        nonlocal masked_decode_calls
+        masked_decode_calls += q.shape[2] == 1 and isinstance(kwargs.get("mask"), mx.array)
+        return real_sdpa(q, k, v, **kwargs)
+
+    def every_token_stops(self: ModelEngine, model: Any, tokenizer: Any) -> Any:
+        gen = real_make(self, model, tokenizer)
+        gen._default_stop_sequences = StopSequences([[t] for t in range(len(tokenizer.vocab))])
+        return gen
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(engine_module, "route_attention", lambda: True)
+    monkeypatch.setattr(ModelEngine, "_make_batch_generator", every_token_stops)
+
+    async def run() -> None:
+        engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
+        await engine.start()
+        await engine.stop()
+
+    asyncio.run(run())
+    assert masked_decode_calls > 0
+
+
 def test_a_failed_warm_up_fails_the_load_instead_of_hanging_it(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
