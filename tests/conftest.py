@@ -59,6 +59,25 @@ def never_eos(model_dir: Path, name: str = "random") -> dict[str, float]:
     return {str(eos): -100.0}
 
 
+def left_padded_logits(model: Any, monkeypatch: pytest.MonkeyPatch, sdpa: Any, *, split: int, steps: int) -> list[Any]:
+    """Float32 logits of four left-padded prompts (3-36 tokens) in mlx-lm's `BatchKVCache`, with
+    `mx.fast.scaled_dot_product_attention` set to `sdpa`: the prompt batch, read in two chunks at `split` (the
+    second sees the first's keys), then `steps` decode steps fed the same tokens."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", sdpa)
+    prompts = [[5 + (i * 7 + j) % 300 for j in range(3 + 11 * i)] for i in range(4)]
+    width = max(map(len, prompts))
+    padded = mx.array([[0] * (width - len(p)) + p for p in prompts])
+    cache = [BatchKVCache([width - len(p) for p in prompts]) for _ in model.layers]
+    out = [model(padded[:, :split], cache=cache)[:, -1], model(padded[:, split:], cache=cache)[:, -1]]
+    out += [model(mx.array([[7 + s]] * len(prompts)), cache=cache)[:, -1] for s in range(steps)]
+    out = [x.astype(mx.float32) for x in out]
+    mx.eval(out)
+    return out
+
+
 def make_settings(model_dir: Path, tmp_path: Path, **defaults: Any) -> Settings:
     models = defaults.pop("models", {})
     config = {"defaults": {"model_directory": str(model_dir), **defaults}, "server": {}, "models": models}

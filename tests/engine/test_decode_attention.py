@@ -8,6 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from conftest import left_padded_logits
 
 from mlx_router.core import decode_attention
 from mlx_router.core.decode_attention import applies, masked_decode_attention
@@ -95,29 +96,19 @@ def test_decode_steps_of_a_real_model_match_mlx(tmp_path: Path, monkeypatch: pyt
     """A bfloat16 Llama with mlx-lm's BatchKVCache and left-padded rows, fed the same tokens: the logits of decode
     steps taken through the kernel match those MLX computes itself, layer after layer."""
     from mlx_lm import load
-    from mlx_lm.models.cache import BatchKVCache
 
     from helper_tools.tiny_models import build_random_model
 
     path = build_random_model(tmp_path / "m", hidden_size=256, num_heads=4, num_kv_heads=2, dtype="bfloat16")
-    model, _ = load(str(path))
-    prompts = [[5 + (i * 7 + j) % 300 for j in range(3 + 11 * i)] for i in range(4)]
-    width = max(map(len, prompts))
+    model = load(str(path))[0]
     calls = []
     real_kernel = decode_attention.masked_decode_attention
     monkeypatch.setattr(decode_attention, "masked_decode_attention", lambda *a, **kw: calls.append(1) or
                         real_kernel(*a, **kw))  # fmt: skip
     monkeypatch.setattr(decode_attention, "_stock", STOCK)
 
-    def decode_logits(routed: bool) -> list[mx.array]:
-        monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", decode_attention._routed if routed else STOCK)
-        cache = [BatchKVCache([width - len(p) for p in prompts]) for _ in model.layers]
-        model(mx.array([[0] * (width - len(p)) + p for p in prompts]), cache=cache)
-        steps = [model(mx.array([[7 + s]] * len(prompts)), cache=cache)[:, -1].astype(mx.float32) for s in range(5)]
-        mx.eval(steps)
-        return steps
-
-    stock, routed = decode_logits(False), decode_logits(True)
+    stock = left_padded_logits(model, monkeypatch, STOCK, split=20, steps=5)
+    routed = left_padded_logits(model, monkeypatch, decode_attention._routed, split=20, steps=5)
     assert len(calls) == 5 * len(model.layers)
     for a, b in zip(stock, routed, strict=True):
         assert mx.allclose(a, b, atol=0.1, rtol=0.05).item()

@@ -609,19 +609,14 @@ def test_an_engine_told_never_to_release_keeps_mlx_cached_buffers(model_dir: Pat
     assert asyncio.run(run()) > 0
 
 
-def test_where_attention_is_routed_a_load_takes_a_padded_batch_through_prefill_and_decode(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # On CUDA, MLX compiles kernels on first use: a load runs a lone stream, then a batch of two prompts of different
-    # lengths, so a lone prefill (a named causal mask), the batch's prefill and decode step (masks as arrays; one
-    # query: the decode-attention kernel) and a temperature sampler all run once. Pretended here on the CPU.
+def _pretend_attention_routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make the engine believe attention is routed (as on CUDA) and count its attention calls by kind."""
     import mlx.core as mx
 
     import mlx_router.core.engine as engine_module
-    import mlx_router.core.sampling as sampling_module
 
-    calls = {"lone_prefill": 0, "padded_prefill": 0, "masked_decode": 0, "sampled": 0}
-    real_sdpa, real_draw = mx.fast.scaled_dot_product_attention, sampling_module._draw
+    calls = {"lone_prefill": 0, "padded_prefill": 0, "masked_decode": 0}
+    real_sdpa = mx.fast.scaled_dot_product_attention
 
     def spy(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
         mask = kwargs.get("mask")
@@ -631,13 +626,28 @@ def test_where_attention_is_routed_a_load_takes_a_padded_batch_through_prefill_a
             calls["masked_decode" if q.shape[2] == 1 else "padded_prefill"] += 1
         return real_sdpa(q, k, v, **kwargs)
 
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(engine_module, "route_attention", lambda: True)
+    return calls
+
+
+def test_where_attention_is_routed_a_load_takes_a_padded_batch_through_prefill_and_decode(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA, MLX compiles kernels on first use: a load runs a lone stream, then a batch of two prompts of different
+    # lengths, so a lone prefill (a named causal mask), the batch's prefill and decode step (masks as arrays; one
+    # query: the decode-attention kernel) and a temperature sampler all run once. Pretended here on the CPU.
+    import mlx_router.core.sampling as sampling_module
+
+    calls = _pretend_attention_routed(monkeypatch)
+    calls["sampled"] = 0
+    real_draw = sampling_module._draw
+
     def draw(*args: Any) -> Any:
         calls["sampled"] += 1
         return real_draw(*args)
 
-    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(sampling_module, "_draw", draw)
-    monkeypatch.setattr(engine_module, "route_attention", lambda: True)
 
     async def run() -> str:
         engine = ModelEngine(read_model_spec("alpha", model_dir / "alpha"), EngineOptions())
@@ -657,26 +667,16 @@ def test_the_warm_up_batch_takes_its_decode_step_even_when_its_first_token_is_an
     # A model may well answer the warm-up's made-up prompts with its end token. The batch still takes a decode step:
     # mlx-lm reads a prompt's last token in one, which is where the first token comes from. Here every token ends a
     # request (mlx-lm 0.32's generator default).
-    import mlx.core as mx
     from mlx_lm.generate import StopSequences
 
-    import mlx_router.core.engine as engine_module
-
-    masked_decode_calls = 0
-    real_sdpa, real_make = mx.fast.scaled_dot_product_attention, ModelEngine._make_batch_generator
-
-    def spy(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
-        nonlocal masked_decode_calls
-        masked_decode_calls += q.shape[2] == 1 and isinstance(kwargs.get("mask"), mx.array)
-        return real_sdpa(q, k, v, **kwargs)
+    calls = _pretend_attention_routed(monkeypatch)
+    real_make = ModelEngine._make_batch_generator
 
     def every_token_stops(self: ModelEngine, model: Any, tokenizer: Any) -> Any:
         gen = real_make(self, model, tokenizer)
         gen._default_stop_sequences = StopSequences([[t] for t in range(len(tokenizer.vocab))])
         return gen
 
-    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(engine_module, "route_attention", lambda: True)
     monkeypatch.setattr(ModelEngine, "_make_batch_generator", every_token_stops)
 
     async def run() -> None:
@@ -685,7 +685,7 @@ def test_the_warm_up_batch_takes_its_decode_step_even_when_its_first_token_is_an
         await engine.stop()
 
     asyncio.run(run())
-    assert masked_decode_calls > 0
+    assert calls["masked_decode"] > 0
 
 
 def test_a_failed_warm_up_fails_the_load_instead_of_hanging_it(

@@ -8,6 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from conftest import left_padded_logits
 
 from mlx_router.core import decode_attention
 from mlx_router.core.prefill_attention import MAX_SCORES, takes_unfused, unfused_attention
@@ -105,15 +106,11 @@ def test_a_model_prefilled_through_the_routing_computes_what_mlx_does(
     """A Llama with mlx-lm's BatchKVCache and left-padded rows, prefilled in two chunks (the second sees the first's
     keys) and stepped twice, routed as on CUDA: its prefill runs the ops, and the logits match MLX's own."""
     from mlx_lm import load
-    from mlx_lm.models.cache import BatchKVCache
 
     from helper_tools.tiny_models import build_random_model
 
     path = build_random_model(tmp_path / "m", hidden_size=256, num_heads=4, num_kv_heads=2)
     model = load(str(path))[0]
-    prompts = [[5 + (i * 7 + j) % 300 for j in range(3 + 11 * i)] for i in range(4)]
-    width = max(map(len, prompts))
-    padded = mx.array([[0] * (width - len(p)) + p for p in prompts])
     calls: list[tuple[int, ...]] = []
     monkeypatch.setattr(decode_attention, "_stock", STOCK)
 
@@ -124,15 +121,8 @@ def test_a_model_prefilled_through_the_routing_computes_what_mlx_does(
     monkeypatch.setattr(decode_attention, "unfused_attention", counted)
     monkeypatch.setattr(decode_attention, "masked_decode_attention", lambda *a, **kw: STOCK(*a, **kw))  # CUDA only
 
-    def logits(routed: bool) -> list[mx.array]:
-        monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", decode_attention._routed if routed else STOCK)
-        cache = [BatchKVCache([width - len(p) for p in prompts]) for _ in model.layers]
-        out = [model(padded[:, :20], cache=cache)[:, -1], model(padded[:, 20:], cache=cache)[:, -1]]
-        out += [model(mx.array([[7 + s]] * len(prompts)), cache=cache)[:, -1] for s in range(2)]
-        mx.eval(out)
-        return out
-
-    stock, routed = logits(False), logits(True)
-    assert calls == [(4, 4, 20, 64)] * len(model.layers) + [(4, 4, width - 20, 64)] * len(model.layers)
+    stock = left_padded_logits(model, monkeypatch, STOCK, split=20, steps=2)
+    routed = left_padded_logits(model, monkeypatch, decode_attention._routed, split=20, steps=2)
+    assert calls == [(4, 4, 20, 64)] * len(model.layers) + [(4, 4, 36 - 20, 64)] * len(model.layers)
     for a, b in zip(stock, routed, strict=True):
         assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
