@@ -71,8 +71,11 @@ def test_a_query_that_sees_no_key_stays_finite() -> None:
     mask = _left_padded(2, 6, 6)  # row 1: its first two queries see nothing
     got = unfused_attention(q, k, v, scale=0.125, mask=mask)
     assert mx.all(mx.isfinite(got)).item()
-    want = STOCK(q, k, v, scale=0.125, mask=mask)  # MLX averages V there too
-    assert mx.allclose(got.astype(mx.float32), want.astype(mx.float32), atol=0.05).item()
+    want = STOCK(q, k, v, scale=0.125, mask=mask)
+    sees = mx.any(mask, axis=-1, keepdims=True)  # elsewhere MLX's backends differ: the CPU averages V, cuDNN does not
+    assert not mx.all(sees).item()
+    assert mx.allclose(mx.where(sees, got, 0).astype(mx.float32), mx.where(sees, want, 0).astype(mx.float32),
+                       atol=0.05).item()  # fmt: skip
 
 
 def test_the_output_keeps_the_type_of_the_queries() -> None:
