@@ -156,7 +156,7 @@ class MLXModelManager:
         self._lock = asyncio.Lock()
         self._room = _Notifier()
         self._resident: dict[str, _Resident] = {}
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: dict[asyncio.Task[None], int] = {}  # evicted models still unloading: the bytes they hold
 
     # ---- public API ----
 
@@ -306,12 +306,12 @@ class MLXModelManager:
         resident.state = ModelState.DRAINING
         del self._resident[resident.spec.id]
         task = asyncio.create_task(self._stop_engine(resident))
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        self._draining[task] = resident.need_bytes + resident.engine.prefix_cache_bytes
+        task.add_done_callback(lambda done: self._draining.pop(done, None))
 
     async def _load(self, resident: _Resident) -> None:
         spec = resident.spec
-        await self._wait_drained()  # the evicted models' memory must be free before the new weights arrive
+        await self._wait_for_memory()
         logger.info("loading {} ({:.2f} GiB estimated)", spec.id, resident.need_bytes / GiB)
         started = time.perf_counter()
         try:
@@ -342,6 +342,20 @@ class MLXModelManager:
     async def _wait_drained(self) -> None:
         if self._draining:
             await asyncio.gather(*list(self._draining), return_exceptions=True)
+
+    async def _wait_for_memory(self) -> None:
+        """Wait for evicted models to finish unloading while their memory is needed: while the resident models (the
+        one loading among them) and those still unloading would not fit the budget together.
+
+        A swap that only `cache_size` forces loads the new model while the old one unloads. The teardown (a full
+        garbage collection and MLX's cache release) took 0.3-0.4 s on an H100 host, a tenth of a swap's first token.
+        """
+        while True:
+            unloading = [task for task in self._draining if not task.done()]
+            held = sum(r.need_bytes + r.engine.prefix_cache_bytes for r in self._resident.values())
+            if not unloading or held + sum(self._draining[t] for t in unloading) <= self.budget_bytes:
+                return
+            await asyncio.wait(unloading, return_when=asyncio.FIRST_COMPLETED)
 
     def _release(self, resident: _Resident) -> None:
         resident.leases -= 1

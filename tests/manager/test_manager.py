@@ -26,6 +26,7 @@ class FakeEngine:
 
     log: ClassVar[list[str]] = []
     made: ClassVar[list[FakeEngine]] = []
+    stop_gate: ClassVar[asyncio.Event | None] = None  # when set, stop() waits for it, as a slow teardown would
 
     def __init__(self, spec: ModelSpec, options: EngineOptions) -> None:
         self.spec = spec
@@ -48,6 +49,9 @@ class FakeEngine:
 
     async def stop(self) -> None:
         FakeEngine.log.append(f"unload {self.spec.id}")
+        if FakeEngine.stop_gate is not None:
+            await FakeEngine.stop_gate.wait()
+            FakeEngine.log.append(f"unloaded {self.spec.id}")
 
 
 def write_models(root: Path, names: list[str]) -> None:
@@ -68,7 +72,7 @@ def settings(root: Path, **defaults: Any) -> Settings:
 
 def manager(tmp_path: Path, **defaults: Any) -> MLXModelManager:
     write_models(tmp_path / "m", ["a", "b", "c", "fail-x"])
-    FakeEngine.log, FakeEngine.made = [], []
+    FakeEngine.log, FakeEngine.made, FakeEngine.stop_gate = [], [], None
     return MLXModelManager(
         settings(tmp_path, **defaults),
         engine_factory=FakeEngine,
@@ -113,6 +117,39 @@ def test_memory_budget_evicts_even_below_cache_size(tmp_path: Path) -> None:
         await use(mgr, "a")
         await use(mgr, "b")
         assert resident(mgr) == ["b"]
+        await mgr.stop()
+
+    asyncio.run(run())
+
+
+def test_a_swap_that_only_the_model_count_forces_loads_while_the_old_model_unloads(tmp_path: Path) -> None:
+    async def run() -> None:
+        mgr = manager(tmp_path, cache_size=1)
+        await use(mgr, "a")
+        FakeEngine.stop_gate = gate = asyncio.Event()
+        assert await asyncio.wait_for(use(mgr, "b"), 5) == "b"  # answered while a's teardown still runs
+        assert FakeEngine.log == ["load a", "unload a", "load b"]
+        assert resident(mgr) == ["b"]
+        gate.set()
+        await mgr.stop()
+        assert FakeEngine.log == ["load a", "unload a", "load b", "unloaded a", "unload b", "unloaded b"]
+
+    asyncio.run(run())
+
+
+def test_a_swap_that_needs_the_old_models_memory_waits_for_its_unload(tmp_path: Path) -> None:
+    models = {name: {"required_memory_gb": 0.6} for name in "abc"}
+
+    async def run() -> None:
+        mgr = manager(tmp_path, cache_size=5, memory_budget_gb=1.0, models=models)
+        await use(mgr, "a")
+        FakeEngine.stop_gate = gate = asyncio.Event()
+        b = asyncio.create_task(use(mgr, "b"))
+        await asyncio.sleep(0.05)
+        assert FakeEngine.log == ["load a", "unload a"] and not b.done()
+        gate.set()
+        assert await b == "b"
+        assert FakeEngine.log == ["load a", "unload a", "unloaded a", "load b"]
         await mgr.stop()
 
     asyncio.run(run())
