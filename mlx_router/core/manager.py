@@ -347,8 +347,9 @@ class MLXModelManager:
         """Wait for evicted models to finish unloading while their memory is needed: while the resident models (the
         one loading among them) and those still unloading would not fit the budget together.
 
-        A swap that only `cache_size` forces loads the new model while the old one unloads. The teardown (a full
-        garbage collection and MLX's cache release) took 0.3-0.4 s on an H100 host, a tenth of a swap's first token.
+        A swap that only `cache_size` forces loads the new model while the old one unloads (0.3-0.4 s on an H100
+        host, a tenth of the swap). The teardown's full garbage collection holds the GIL, so the load still waits
+        for that part (BENCHMARKS.md, session 12); the rest of it runs beside the load.
         """
         while True:
             unloading = [task for task in self._draining if not task.done()]
