@@ -13,7 +13,9 @@ import gc
 import queue
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,9 +159,9 @@ class ModelEngine:
         try:
             self._serve(model, tokenizer, loop, ready, started)
         finally:
+            unloaded = _watch(model)
             del model, tokenizer
-            gc.unfreeze()  # the unloaded model's objects may sit in cycles only a full collection finds
-            _freeze_heap()
+            _free_unloaded(unloaded)
             _clear_mlx_cache()
 
     def _load_failed(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], exc: Exception) -> None:
@@ -511,6 +513,29 @@ def _freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _watch(model: Any) -> Callable[[], object]:
+    """A weak reference to the model, or (for an object that takes none) a stand-in that says it is alive."""
+    try:
+        return weakref.ref(model)
+    except TypeError:
+        return lambda: True
+
+
+def _free_unloaded(model: Callable[[], object]) -> None:
+    """Free an unloaded model, walking the frozen heap only when the model is left in a reference cycle.
+
+    Reference counting frees a model that no cycle holds, with its arrays; a collection of the objects made since
+    the load then costs milliseconds. Only if the model is still alive, in a cycle among the objects frozen after
+    its load, does the whole heap come back for a full collection. That one took 0.25 s on an H100 host where
+    transformers imports torch, holding the GIL: the event loop and the next model's load waited for it (a swap,
+    BENCHMARKS.md session 12). Frozen garbage that holds no model (a few objects per unload) stays frozen.
+    """
+    _freeze_heap()
+    if model() is not None:
+        gc.unfreeze()
+        _freeze_heap()
 
 
 def _clear_mlx_cache() -> None:

@@ -348,8 +348,7 @@ class MLXModelManager:
         one loading among them) and those still unloading would not fit the budget together.
 
         A swap that only `cache_size` forces loads the new model while the old one unloads (0.3-0.4 s on an H100
-        host, a tenth of the swap). The teardown's full garbage collection holds the GIL, so the load still waits
-        for that part (BENCHMARKS.md, session 12); the rest of it runs beside the load.
+        host, a tenth of the swap, most of it a garbage collection that held the GIL: BENCHMARKS.md, session 12).
         """
         while True:
             unloading = [task for task in self._draining if not task.done()]
