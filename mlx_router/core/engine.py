@@ -530,9 +530,11 @@ def _free_unloaded(model: Callable[[], object]) -> None:
     the load then costs milliseconds. Only if the model is still alive, in a cycle among the objects frozen after
     its load, does the whole heap come back for a full collection. That one took 0.25 s on an H100 host where
     transformers imports torch, holding the GIL: the event loop and the next model's load waited for it (a swap,
-    BENCHMARKS.md session 12). Frozen garbage that holds no model (a few objects per unload) stays frozen.
+    BENCHMARKS.md session 12). Frozen garbage that holds no model (a few objects per unload) stays frozen. Nothing
+    is frozen here otherwise: another model may be loading beside this teardown, and its garbage must stay
+    collectable.
     """
-    _freeze_heap()
+    gc.collect()
     if model() is not None:
         gc.unfreeze()
         _freeze_heap()
