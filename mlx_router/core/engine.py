@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,7 +158,7 @@ class ModelEngine:
         try:
             self._serve(model, tokenizer, loop, ready, started)
         finally:
-            unloaded = _watch(model)
+            unloaded = weakref.ref(model)  # an mlx `nn.Module`: a dict subclass, which takes weak references
             del model, tokenizer
             _free_unloaded(unloaded)
             _clear_mlx_cache()
@@ -515,15 +514,7 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _watch(model: Any) -> Callable[[], object]:
-    """A weak reference to the model, or (for an object that takes none) a stand-in that says it is alive."""
-    try:
-        return weakref.ref(model)
-    except TypeError:
-        return lambda: True
-
-
-def _free_unloaded(model: Callable[[], object]) -> None:
+def _free_unloaded(model: weakref.ref[Any]) -> None:
     """Free an unloaded model, walking the frozen heap only when the model is left in a reference cycle.
 
     Reference counting frees a model that no cycle holds, with its arrays; a collection of the objects made since
